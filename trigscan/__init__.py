@@ -11,5 +11,9 @@ from ._extension import build_info, has_ops
 
 if has_ops():
     from . import ops  # noqa: F401  (registers fake kernels and autograd)
+    from .scanners import nc  # noqa: F401  (registers the scanners)
 
-__all__ = ["__version__", "build_info", "has_ops"]
+from .api import load_model, scan
+from .result import ScanResult
+
+__all__ = ["__version__", "build_info", "has_ops", "load_model", "scan", "ScanResult"]
