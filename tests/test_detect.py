@@ -1,0 +1,61 @@
+"""The anomaly statistics, checked against direct computations."""
+import math
+
+import numpy as np
+import pytest
+
+from trigscan.detect import mad_anomaly_index, mad_outliers, true_median
+
+
+def test_true_median_averages_the_two_middle_values():
+    assert true_median([4, 1, 3, 2]) == 2.5
+    assert true_median([5, 1, 3]) == 3
+    rng = np.random.default_rng(0)
+    for n in range(1, 12):
+        v = rng.normal(size=n)
+        assert true_median(v) == pytest.approx(float(np.median(v)))
+
+
+def test_mad_index_matches_the_formula():
+    rng = np.random.default_rng(1)
+    v = rng.gamma(2.0, size=11)
+    med = np.median(v)
+    mad = 1.4826 * np.median(np.abs(v - med))
+    np.testing.assert_allclose(mad_anomaly_index(v), np.abs(v - med) / mad)
+
+
+def test_low_side_outlier_is_flagged_and_high_side_is_not():
+    values = [50, 52, 48, 51, 49, 50, 53, 47, 5, 120]
+    assert mad_outliers(values, 2.0, "low") == [8]
+    assert mad_outliers(values, 2.0, "high") == [9]
+    assert mad_outliers(values, 2.0, "both") == [8, 9]
+
+
+def test_ineligible_entries_are_never_flagged_but_count_for_the_median():
+    values = [50, 52, 48, 51, 49, 50, 53, 47, 5, 120]
+    eligible = [True] * 10
+    eligible[8] = False
+    assert mad_outliers(values, 2.0, "low", eligible=eligible) == []
+
+
+def test_all_equal_statistics_give_zero_indices_not_nan():
+    index = mad_anomaly_index([3.0] * 6)
+    assert np.all(index == 0)
+    assert mad_outliers([3.0] * 6) == []
+
+
+def test_zero_mad_with_one_different_value_flags_it():
+    index = mad_anomaly_index([3.0, 3.0, 3.0, 3.0, 1.0])
+    assert index[4] == math.inf and np.all(index[:4] == 0)
+    assert mad_outliers([3.0, 3.0, 3.0, 3.0, 1.0], 2.0, "low") == [4]
+
+
+@pytest.mark.parametrize("bad", [[1.0], [], [[1.0, 2.0]], [1.0, float("nan")]])
+def test_bad_statistics_are_rejected(bad):
+    with pytest.raises(ValueError, match="values"):
+        mad_anomaly_index(bad)
+
+
+def test_bad_side_is_rejected():
+    with pytest.raises(ValueError, match="side"):
+        mad_outliers([1.0, 2.0, 3.0], side="left")
