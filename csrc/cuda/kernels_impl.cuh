@@ -235,10 +235,10 @@ __global__ void nes_sample_stamp_kernel(const float* __restrict__ x,
 }
 
 // One thread per (t, block of 4 elements) of [theta_m | theta_p], looping
-// j = 0..k-1 exactly like the CPU.
+// j = 0..k-1 exactly like the CPU. (grad_p does not depend on theta_p.)
 __global__ void nes_grad_kernel(const float* __restrict__ losses,
                                 const float* __restrict__ theta_m,
-                                const float* __restrict__ theta_p, float* __restrict__ grad_m,
+                                const float* __restrict__ /*theta_p*/, float* __restrict__ grad_m,
                                 float* __restrict__ grad_p, NesShape sh, bool baseline,
                                 int64_t rows) {
   const StampShape& s = sh.s;
