@@ -350,7 +350,7 @@ def test_nes_sample_stamp_and_nes_grad_use_the_same_samples():
 # ---------------------------------------------------------------------------
 def _run_all_ops(seed):
     gen = torch.Generator().manual_seed(seed)
-    T, N, C, H, W, k = 3, 4, 3, 24, 24, 24  # large enough for several parallel tasks
+    T, N, C, H, W, k = 3, 8, 3, 24, 24, 24  # every op splits into several parallel tasks
     x = torch.rand(N, C, H, W, generator=gen)
     theta_m = torch.randn(T, 1, H, W, generator=gen)
     theta_p = torch.randn(T, C, H, W, generator=gen)
