@@ -1,0 +1,50 @@
+"""One NES step of B3D: nes_sample_stamp + nes_grad (T=10, k=50, so 2k = 100
+query rows, N=32), fused kernels vs plain PyTorch with materialised samples.
+Each variant's peak memory is measured in a fresh subprocess (memory.py)."""
+import pytest
+import torch
+
+import memory
+import variants
+
+VARIANTS = ["fused", "naive", "best", "best_prealloc"]
+ROUNDS = {"fused": 15, "naive": 5, "best": 10, "best_prealloc": 15}
+
+
+@pytest.fixture(scope="module", params=list(variants.NES_SHAPES))
+def case(request):
+    C, H, W = variants.NES_SHAPES[request.param]
+    c = variants.NesCase(C=C, H=H, W=W)
+    c.name = request.param
+    return c
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def bench_nes_step(bench, case, variant):
+    bench.benchmark.group = f"nes step {case.name}"
+    rss = memory.measure("nes", case.name, variant, "rss")
+    prof = memory.measure("nes", case.name, variant, "profiler")
+    bench(getattr(case, variant), rounds=ROUNDS[variant], warmup=1,
+          out_bytes=case.out_bytes(), samples_bytes=case.samples_bytes(),
+          peak_rss_bytes=rss["peak_bytes"], peak_profiler_bytes=prof["peak_bytes"])
+
+
+def test_agree_nes():
+    """The baselines compute the same function (different random streams):
+    feed them the kernel's own samples and compare."""
+    c = variants.NesCase(C=3, H=8, W=8, N=4, k=6)
+    out, gm, gp = c.fused()
+    masks, eps = torch.ops.trigscan.nes_samples(c.theta_m, c.theta_p, c.k, c.seed, c.offset)
+    from trigscan import reference
+    ref_out = reference.nes_sample_stamp(c.x, masks, eps, c.theta_m, c.theta_p, c.sigma, False)
+    ref_gm, ref_gp = reference.nes_grad(c.losses, masks, eps, c.theta_m, c.sigma, False, False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gm, ref_gm, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gp, ref_gp, rtol=1e-4, atol=1e-4)
+    # the best-form baseline, given the same samples
+    b_out, b_gm, b_gp = c._best(torch.empty(c.out_shape), masks, eps)
+    torch.testing.assert_close(b_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_gm, gm, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b_gp, gp, rtol=1e-4, atol=1e-4)
+    for v in ("naive", "best", "best_prealloc"):  # shapes of the random-stream variants
+        assert [t.shape for t in getattr(c, v)()] == [out.shape, gm.shape, gp.shape]
