@@ -89,6 +89,57 @@ def test_every_op_has_a_cuda_kernel(op):
     assert "CUDA" in info["ops"][op]
 
 
+def _find_cuobjdump():
+    """cuobjdump from PATH, the toolkit, or the nvidia-cuda-cuobjdump wheel."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    candidates = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"]
+    try:
+        import nvidia  # namespace package of NVIDIA's pip wheels
+
+        for base in getattr(nvidia, "__path__", []):
+            candidates += sorted(Path(base).glob("cu*/bin/cuobjdump"))
+            candidates.append(Path(base) / "cuda_cuobjdump" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in candidates if c.exists()), None)
+
+
+def _expected_targets(arch_list):
+    """TORCH_CUDA_ARCH_LIST ("8.0;8.6;9.0;12.0+PTX") -> ({"sm_80", ...}, {"sm_120"})."""
+    cubins, ptx = set(), set()
+    for entry in arch_list.replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name = "sm_" + entry.removesuffix("+PTX").replace(".", "")
+        cubins.add(name)
+        if entry.endswith("+PTX"):
+            ptx.add(name)
+    return cubins, ptx
+
+
+def test_cuda_build_holds_a_cubin_per_architecture():
+    info = _require_cuda_build()
+    tool = _find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    import trigscan._C as ext
+
+    listing = {}
+    for kind in ("elf", "ptx"):
+        result = subprocess.run([tool, f"--list-{kind}", ext.__file__], capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stderr
+        listing[kind] = {part.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+                         for line in result.stdout.splitlines() if ":" in line
+                         for part in [line.split(":", 1)[1].strip()]}
+    cubins, ptx = _expected_targets(info["cuda_arch_list"])
+    assert listing["elf"] == cubins, f"cubins {sorted(listing['elf'])}, expected {sorted(cubins)}"
+    assert ptx <= listing["ptx"], f"PTX {sorted(listing['ptx'])}, expected {sorted(ptx)}"
+
+
 def test_cpu_only_build_registers_no_cuda_kernel():
     """The converse: cuda_compiled tells the truth about a CPU-only build too."""
     _require_ops()
