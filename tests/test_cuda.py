@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -75,7 +76,8 @@ def test_cuda_build_matches_torch():
     info = _require_cuda_build()
     assert torch.version.cuda is not None, "built with CUDA but the running torch is a CPU build"
     assert info.get("cuda_version") == torch.version.cuda, (
-        f"_C was built against CUDA {info.get('cuda_version')}, torch runs CUDA {torch.version.cuda}"
+        f"_C was built against CUDA {info.get('cuda_version')}, "
+        f"torch runs CUDA {torch.version.cuda}"
     )
     assert info.get("cuda_arch_list"), "the build did not record its CUDA architectures"
 
@@ -364,12 +366,13 @@ def emu(tmp_path_factory):
     source = CUDA_SRC / "emulator" / "host_emulator.cc"
     if not source.exists():
         pytest.skip("the CUDA sources are not here (installed package, not a checkout)")
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CXX", ""))
+    compiler = compiler or [shutil.which("g++") or shutil.which("c++")]
+    if compiler[0] is None:
         pytest.skip("no C++ compiler to build the CUDA host emulator")
     _require_ops()
     lib = tmp_path_factory.mktemp("cuda_emulator") / "emulator.so"
-    result = subprocess.run([compiler, *EMULATOR_FLAGS, str(source), "-o", str(lib)],
+    result = subprocess.run([*compiler, *EMULATOR_FLAGS, str(source), "-o", str(lib)],
                             capture_output=True, text=True)
     assert result.returncode == 0, f"building the CUDA host emulator failed:\n{result.stderr}"
     return Emulator(lib)
