@@ -75,58 +75,76 @@ def pixel_size_loss(b_p, b_n, gamma: float = 10.0) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Fake kernels: shapes only, no data
 # ---------------------------------------------------------------------------
-def _check_rank4(name, t):
-    torch._check(t.dim() == 4, lambda: f"{name} must be 4-D, got {tuple(t.shape)}")
+def _check_fake(op, **tensors):
+    """What the C++ checks verify, for meta/fake tensors: ranks and one device.
+
+    (With a meta tensor among the inputs the dispatcher runs these fake kernels
+    instead of the C++ ones, so they must reject what the kernels reject.)
+    """
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, first_device = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first_device:
+            raise ValueError(f"trigscan.{op}: {name} is on {device} but {first_name} is on "
+                             f"{first_device}; move both to one device")
+    for name, t in tensors.items():
+        if name not in ("grad", "losses") and t.dim() != 4:
+            raise ValueError(f"trigscan.{op}: {name} must be 4-D, got shape {tuple(t.shape)}")
 
 
 @torch.library.register_fake("trigscan::stamp")
 def _(x, mask, pattern):
-    _check_rank4("x", x)
-    _check_rank4("pattern", pattern)
+    _check_fake("stamp", x=x, mask=mask, pattern=pattern)
     return x.new_empty((pattern.shape[0], *x.shape))
 
 
 @torch.library.register_fake("trigscan::stamp_backward")
 def _(grad, x, mask, pattern):
+    _check_fake("stamp_backward", grad=grad, x=x, mask=mask, pattern=pattern)
     return torch.empty_like(x), torch.empty_like(mask), torch.empty_like(pattern)
 
 
 @torch.library.register_fake("trigscan::nes_sample_stamp")
 def _(x, theta_m, theta_p, k, sigma, seed, offset, joint):
-    _check_rank4("x", x)
+    _check_fake("nes_sample_stamp", x=x, theta_m=theta_m, theta_p=theta_p)
     rows = k if joint else 2 * k
     return x.new_empty((theta_p.shape[0], rows, *x.shape))
 
 
 @torch.library.register_fake("trigscan::nes_grad")
 def _(losses, theta_m, theta_p, k, sigma, seed, offset, joint, baseline):
+    _check_fake("nes_grad", losses=losses, theta_m=theta_m, theta_p=theta_p)
     return torch.empty_like(theta_m), torch.empty_like(theta_p)
 
 
 @torch.library.register_fake("trigscan::nes_samples")
 def _(theta_m, theta_p, k, seed, offset):
+    _check_fake("nes_samples", theta_m=theta_m, theta_p=theta_p)
     return (theta_m.new_empty((theta_m.shape[0], k, *theta_m.shape[1:])),
             theta_p.new_empty((theta_p.shape[0], k, *theta_p.shape[1:])))
 
 
 @torch.library.register_fake("trigscan::pixel_stamp")
 def _(x, b_p, b_n, maxp, use_tanh):
-    _check_rank4("x", x)
+    _check_fake("pixel_stamp", x=x, b_p=b_p, b_n=b_n)
     return x.new_empty((b_p.shape[0], *x.shape))
 
 
 @torch.library.register_fake("trigscan::pixel_stamp_backward")
 def _(grad, x, b_p, b_n, maxp, use_tanh):
+    _check_fake("pixel_stamp_backward", grad=grad, x=x, b_p=b_p, b_n=b_n)
     return torch.empty_like(x), torch.empty_like(b_p), torch.empty_like(b_n)
 
 
 @torch.library.register_fake("trigscan::pixel_size_loss")
 def _(b_p, b_n, gamma):
+    _check_fake("pixel_size_loss", b_p=b_p, b_n=b_n)
     return b_p.new_empty((b_p.shape[0],))
 
 
 @torch.library.register_fake("trigscan::pixel_size_loss_backward")
 def _(grad, b_p, b_n, gamma):
+    _check_fake("pixel_size_loss_backward", grad=grad, b_p=b_p, b_n=b_n)
     return torch.empty_like(b_p), torch.empty_like(b_n)
 
 
@@ -168,3 +186,16 @@ torch.library.register_autograd("trigscan::pixel_stamp", _pixel_stamp_backward,
                                 setup_context=_save_inputs)
 torch.library.register_autograd("trigscan::pixel_size_loss", _pixel_size_loss_backward,
                                 setup_context=_save_inputs)
+
+
+def _not_differentiable(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"trigscan.{name} is not differentiable: B3D never backpropagates "
+                           "through the model; estimate gradients with trigscan.ops.nes_grad")
+    return backward
+
+
+# The NES ops are query-side: say so instead of silently returning no gradient.
+for _name in ("nes_sample_stamp", "nes_grad", "nes_samples"):
+    torch.library.register_autograd(f"trigscan::{_name}", _not_differentiable(_name),
+                                    setup_context=_save_inputs)
