@@ -7,6 +7,7 @@ NaN fails with a clear error instead of silently poisoning a scan.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -110,3 +111,158 @@ def load_torchscript(path) -> nn.Module:
             f"model: {path} is not a TorchScript archive ({exc}). Pickled models are refused: "
             "export with torch.jit.script/trace and torch.jit.save, or use ONNX."
         ) from exc
+
+
+# ---------------------------------------------------------------------------
+# Query-only (black-box) models
+# ---------------------------------------------------------------------------
+class BudgetExhausted(RuntimeError):
+    """The query budget would be exceeded by the next batch; nothing was sent."""
+
+
+class QueryModel:
+    """A model behind a query interface: images in, class scores out, nothing else.
+
+    fn: callable from a float32 tensor [B, C, H, W] in [0, 1] to scores [B, K]
+        (tensor or numpy array).
+    outputs: "probabilities", "logits" (softmax is applied) or "auto" (decided
+        on the first answer: rows that are non-negative and sum to 1 are
+        probabilities).
+    batch_size: at most this many images per call.
+    budget: at most this many images in all; the batch that would exceed it is
+        not sent and BudgetExhausted is raised (scanners then return partial
+        results).
+    retries / backoff: a call that raises is retried `retries` times, waiting
+        backoff * 2^i seconds; then ModelError. Every image sent, including
+        re-sent ones, counts as a query.
+    """
+
+    access = "black"
+
+    def __init__(self, fn, num_classes: int, input_shape, *, batch_size: int = 256,
+                 budget: int | None = None, outputs: str = "probabilities", retries: int = 3,
+                 backoff: float = 0.5):
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes: a classifier needs >= 2 classes, got {num_classes}")
+        if outputs not in ("probabilities", "logits", "auto"):
+            raise ValueError(f"outputs: expected 'probabilities', 'logits' or 'auto', got {outputs!r}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        if budget is not None and int(budget) < 1:
+            raise ValueError(f"budget: must be >= 1 or None, got {budget}")
+        self.fn, self.num_classes = fn, int(num_classes)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        if len(self.input_shape) != 3:
+            raise ValueError(f"input_shape: expected (C, H, W), got {input_shape}")
+        self.batch_size, self.budget, self.outputs = int(batch_size), budget, outputs
+        self.retries, self.backoff = int(retries), float(backoff)
+        self.queries = 0
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget - self.queries
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, K] (float32, CPU) for images [B, C, H, W]."""
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"images: the model takes [B, {', '.join(map(str, self.input_shape))}],"
+                             f" got {tuple(images.shape)}")
+        images = images.detach().to("cpu", torch.float32).contiguous()
+        return torch.cat([self._query(images[i:i + self.batch_size])
+                          for i in range(0, images.shape[0], self.batch_size)])
+
+    def _query(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.budget is not None and self.queries + batch.shape[0] > self.budget:
+            raise BudgetExhausted(f"query budget {self.budget} reached ({self.queries} used)")
+        for attempt in range(self.retries + 1):
+            self.queries += batch.shape[0]
+            try:
+                out = self.fn(batch)
+                break
+            except Exception as exc:
+                if attempt == self.retries:
+                    raise ModelError(f"model call failed after {self.retries} retries: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+                time.sleep(self.backoff * 2 ** attempt)
+        return self._to_probabilities(out, batch.shape[0])
+
+    def _to_probabilities(self, out, batch: int) -> torch.Tensor:
+        try:
+            out = torch.as_tensor(out, dtype=torch.float32)
+        except Exception as exc:
+            raise ModelError(f"model returned {type(out).__name__}, not class scores") from exc
+        out = check_logits(out, batch, self.num_classes)
+        if self.outputs == "auto":
+            self.outputs = "probabilities" if _looks_like_probabilities(out) else "logits"
+        if self.outputs == "logits":
+            return torch.softmax(out, dim=1)
+        if not _looks_like_probabilities(out):
+            raise ModelError("model was declared to return probabilities, but its rows are negative "
+                             f"or do not sum to 1 (row sums {out.sum(1)[:4].tolist()}...); "
+                             "declare outputs='logits' if it returns logits")
+        return out
+
+
+def _looks_like_probabilities(out: torch.Tensor) -> bool:
+    return bool((out >= -1e-6).all() and torch.allclose(out.sum(1), torch.ones(out.shape[0]),
+                                                        atol=1e-3))
+
+
+def as_query_model(model, **kwargs) -> QueryModel:
+    """A QueryModel as given, or one wrapping a white-box module (logits out)."""
+    if isinstance(model, QueryModel):
+        return model
+    if isinstance(model, nn.Module):
+        module = as_white_box(model)
+        input_shape = kwargs.pop("input_shape", None)
+        if input_shape is None:
+            raise ValueError("input_shape: needed to query an nn.Module as a black box")
+
+        def forward(x):
+            with torch.no_grad():
+                return module(x.to(module.device))
+
+        probe = forward(torch.zeros(1, *input_shape))
+        return QueryModel(forward, probe.shape[1], input_shape, outputs="logits", **kwargs)
+    raise TypeError(f"model: expected a QueryModel, an ONNX model or an nn.Module, "
+                    f"got {type(model).__name__}")
+
+
+def load_onnx(path, *, batch_size: int = 256, budget: int | None = None,
+              outputs: str = "auto") -> QueryModel:
+    """An ONNX file as a query-only model, run by ONNX Runtime on the CPU.
+
+    ONNX files hold a graph and tensors; loading one runs no Python code.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model: no such file {path}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ValueError(f"model: {path} is not a valid ONNX model ({exc})") from exc
+    inputs, outputs_meta = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise ValueError(f"model: {path} has {len(inputs)} inputs; an image classifier has one")
+    shape = inputs[0].shape
+    if len(shape) != 4 or not all(isinstance(s, int) for s in shape[1:]):
+        raise ValueError(f"model: {path} input shape {shape} is not [batch, C, H, W] with fixed C, H, W")
+    input_name = inputs[0].name
+
+    def run(x: torch.Tensor):
+        return session.run([outputs_meta[0].name], {input_name: x.numpy()})[0]
+
+    num_classes = outputs_meta[0].shape[-1]
+    if not isinstance(num_classes, int):
+        num_classes = run(torch.zeros(1, *shape[1:])).shape[-1]
+    model = QueryModel(run, num_classes, shape[1:], batch_size=batch_size, budget=budget,
+                       outputs=outputs)
+    model.path = str(path)
+    return model
