@@ -8,6 +8,7 @@ NaN fails with a clear error instead of silently poisoning a scan.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -105,7 +106,9 @@ def load_torchscript(path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"model: no such file {path}")
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch.jit's deprecation notice is not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ValueError(
             f"model: {path} is not a TorchScript archive ({exc}). Pickled models are refused: "

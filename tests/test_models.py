@@ -1,0 +1,194 @@
+"""Model adapters: white-box wrapping, query-only models, ONNX loading, and
+the errors a bad or untrusted model gets."""
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import trigscan
+from trigscan.models import (BudgetExhausted, ModelError, QueryModel, WhiteBoxModel,
+                             as_query_model, load_onnx)
+
+
+def tiny_net(classes=10, channels=1):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, classes)).eval()
+
+
+class Counting:
+    """A query-only oracle that counts every image it receives."""
+
+    def __init__(self, net, fail_first=0, outputs="logits"):
+        self.net, self.received, self.calls, self.fail_first = net, 0, 0, fail_first
+        self.outputs = outputs
+
+    def __call__(self, x):
+        self.calls += 1
+        self.received += x.shape[0]
+        if self.calls <= self.fail_first:
+            raise ConnectionError("transient")
+        with torch.no_grad():
+            out = self.net(x)
+        return torch.softmax(out, 1).numpy() if self.outputs == "probabilities" else out
+
+
+def test_query_model_counts_every_image_and_batches():
+    oracle = Counting(tiny_net())
+    model = QueryModel(oracle, 10, (1, 8, 8), batch_size=7, outputs="logits")
+    probs = model(torch.rand(20, 1, 8, 8))
+    assert probs.shape == (20, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(20))
+    assert model.queries == oracle.received == 20
+    assert oracle.calls == 3  # 7 + 7 + 6
+
+
+def test_budget_stops_before_sending_the_batch_that_would_exceed_it():
+    oracle = Counting(tiny_net())
+    model = QueryModel(oracle, 10, (1, 8, 8), batch_size=8, budget=20, outputs="logits")
+    model(torch.rand(16, 1, 8, 8))
+    with pytest.raises(BudgetExhausted):
+        model(torch.rand(8, 1, 8, 8))
+    assert model.queries == oracle.received == 16
+
+
+def test_transient_errors_are_retried_and_counted():
+    oracle = Counting(tiny_net(), fail_first=2)
+    model = QueryModel(oracle, 10, (1, 8, 8), outputs="logits", retries=3, backoff=0.0)
+    model(torch.rand(5, 1, 8, 8))
+    assert oracle.calls == 3 and model.queries == oracle.received == 15
+
+
+def test_persistent_errors_fail_clearly_after_retries():
+    oracle = Counting(tiny_net(), fail_first=100)
+    model = QueryModel(oracle, 10, (1, 8, 8), outputs="logits", retries=2, backoff=0.0)
+    with pytest.raises(ModelError, match="failed after 2 retries.*ConnectionError"):
+        model(torch.rand(3, 1, 8, 8))
+    assert oracle.calls == 3
+
+
+@pytest.mark.parametrize("bad_output, message", [
+    (lambda x: torch.rand(x.shape[0], 7), "7 classes"),
+    (lambda x: torch.full((x.shape[0], 10), float("nan")), "NaN"),
+    (lambda x: torch.rand(x.shape[0]), "shape"),
+    (lambda x: "cat", "not class scores"),
+])
+def test_garbage_outputs_are_rejected(bad_output, message):
+    model = QueryModel(bad_output, 10, (1, 8, 8), outputs="logits", retries=0)
+    with pytest.raises(ModelError, match=message):
+        model(torch.rand(2, 1, 8, 8))
+
+
+def test_declared_probabilities_must_be_probabilities():
+    model = QueryModel(Counting(tiny_net(), outputs="logits"), 10, (1, 8, 8),
+                       outputs="probabilities")
+    with pytest.raises(ModelError, match="declared to return probabilities"):
+        model(torch.rand(4, 1, 8, 8))
+    ok = QueryModel(Counting(tiny_net(), outputs="probabilities"), 10, (1, 8, 8),
+                    outputs="probabilities")
+    assert ok(torch.rand(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_auto_outputs_detects_logits_and_probabilities():
+    net = tiny_net()
+    x = torch.rand(4, 1, 8, 8)
+    expected = torch.softmax(net(x), 1).detach()
+    for outputs in ("logits", "probabilities"):
+        model = QueryModel(Counting(net, outputs=outputs), 10, (1, 8, 8), outputs="auto")
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_wrong_image_shape_names_the_argument():
+    model = QueryModel(Counting(tiny_net()), 10, (1, 8, 8), outputs="logits")
+    with pytest.raises(ValueError, match="images: the model takes"):
+        model(torch.rand(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_classes=1), "num_classes"), (dict(outputs="scores"), "outputs"),
+    (dict(batch_size=0), "batch_size"), (dict(budget=0), "budget"),
+    (dict(input_shape=(8, 8)), "input_shape"),
+])
+def test_query_model_arguments_are_validated(kwargs, name):
+    args = dict(fn=lambda x: x, num_classes=10, input_shape=(1, 8, 8))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        QueryModel(**args)
+
+
+def test_white_box_normalisation_is_applied_inside_the_adapter():
+    net = tiny_net(channels=3)
+    net[0] = nn.Conv2d(3, 4, 3)
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    wrapped = WhiteBoxModel(net, mean, std)
+    x = torch.rand(2, 3, 8, 8)
+    expected = net((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    torch.testing.assert_close(wrapped(x), expected)
+    with pytest.raises(ValueError, match="std"):
+        WhiteBoxModel(net, mean, [1.0, 0.0, 1.0])
+
+
+def test_white_box_model_that_raises_is_reported():
+    wrapped = WhiteBoxModel(tiny_net())
+    with pytest.raises(ModelError, match="model raised RuntimeError on a batch of shape"):
+        wrapped(torch.rand(2, 3, 8, 8))  # wrong channel count for the conv
+
+
+def test_torchscript_round_trip_and_pickles_are_refused(tmp_path):
+    net = tiny_net()
+    path = tmp_path / "m.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(net), str(path))
+    loaded = trigscan.load_model(path)
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), net(x))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"weights": np.zeros(3)}))
+    with pytest.raises(ValueError, match="not a TorchScript archive.*Pickled models are refused"):
+        trigscan.load_model(evil)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        trigscan.load_model(tmp_path / "missing.pt")
+
+
+def export_onnx(net, path, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, *shape),), str(path), input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
+
+
+def test_onnx_model_is_query_only_and_matches_torch(tmp_path):
+    net = tiny_net()
+    path = tmp_path / "m.onnx"
+    export_onnx(net, path, (1, 8, 8))
+    model = trigscan.load_model(path)
+    assert isinstance(model, QueryModel) and model.input_shape == (1, 8, 8)
+    assert model.num_classes == 10
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(model(x), torch.softmax(net(x), 1).detach(), atol=1e-5, rtol=1e-4)
+    assert model.queries == 5
+    with pytest.raises(ValueError, match="images: the model takes \\[B, 1, 8, 8\\]"):
+        model(torch.rand(2, 1, 9, 9))
+
+
+def test_corrupted_onnx_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\x08\x07garbage that is not a protobuf graph")
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        load_onnx(path)
+
+
+def test_nn_module_can_be_queried_as_a_black_box():
+    net = tiny_net()
+    model = as_query_model(net, input_shape=(1, 8, 8))
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(model(x), torch.softmax(net(x), 1).detach())
+    with pytest.raises(ValueError, match="input_shape"):
+        as_query_model(net)
+    with pytest.raises(TypeError, match="model"):
+        as_query_model("not a model")
