@@ -1,12 +1,49 @@
 // CPU kernels: thin at::parallel_for loops around the element math in
 // csrc/common. Work is split so that no two threads write the same output
 // element, and every reduction runs in a fixed order (results do not depend on
-// the thread count).
+// the thread count, nor on the instruction set the loops are compiled for).
+//
+// Speed (docs/benchmarks.md has the measurements):
+// * Every loop body is compiled three times -- baseline x86-64, AVX2+FMA and
+//   AVX-512 -- through GCC/Clang `target` attributes, and the best one the CPU
+//   supports is picked at run time (override: TRIGSCAN_CPU_ISA=base|avx2|avx512,
+//   which can only lower it). The build stays portable (no -march flags).
+//   `flatten` inlines the shared element math into each clone, so fmaf becomes
+//   one instruction there instead of a libm call, and the vectoriser can widen
+//   the loops. The results are bit-identical across clones: -ffp-contract=off
+//   forbids contracting a*b+c, fmaf is exact everywhere, and vectorisation only
+//   runs independent elements side by side -- every reduction keeps its order.
+// * Random words are drawn in separate loops (Philox vectorises across blocks);
+//   the Bernoulli / Box-Muller / squash math then runs on them element-wise.
+// * Backward reductions keep a block of accumulators in registers while
+//   walking the images, and each task owns a spatial chunk that stays in L2.
+// * Outputs larger than twice the last-level cache (the NES query batch: tens to
+//   hundreds of MiB) are advised to use transparent huge pages (one fault per
+//   2 MiB instead of per 4 KiB -- on a VM a 4 KiB fault costs ~microseconds) and
+//   are written with non-temporal stores (no read-for-ownership of lines that
+//   are about to be overwritten). TRIGSCAN_CPU_STREAM=0|1 forces either off/on.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
+#include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define TS_X86 1
+#include <immintrin.h>
+#else
+#define TS_X86 0
+#endif
 
 #include "../common/math.h"
 #include "../common/nes.h"
@@ -15,16 +52,287 @@
 namespace trigscan {
 namespace {
 
+// ---------------------------------------------------------------------------
+// Instruction-set clones
+// ---------------------------------------------------------------------------
+enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+template <Isa I>
+struct IsaTag {
+  static constexpr Isa value = I;
+};
+
+#if TS_X86
+#if defined(__clang__)
+#define TS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten))
+#else
+#define TS_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"), \
+                 flatten))
+#endif
+#define TS_AVX2 __attribute__((target("avx2,fma"), flatten))
+#endif
+#define TS_FLATTEN __attribute__((flatten))
+
+Isa detect_isa() {
+  Isa isa = Isa::kBase;
+#if TS_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    isa = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      isa = Isa::kAvx512;
+  }
+#endif
+  if (const char* env = std::getenv("TRIGSCAN_CPU_ISA")) {
+    Isa cap = isa;
+    if (std::strcmp(env, "base") == 0) cap = Isa::kBase;
+    else if (std::strcmp(env, "avx2") == 0) cap = Isa::kAvx2;
+    if (static_cast<int>(cap) < static_cast<int>(isa)) isa = cap;
+  }
+  return isa;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+// body(begin, end, IsaTag<...>{}) with the body inlined into a clone per ISA.
+template <class F>
+TS_FLATTEN void run_base(const F& body, int64_t b, int64_t e) {
+  body(b, e, IsaTag<Isa::kBase>{});
+}
+#if TS_X86
+template <class F>
+TS_AVX2 void run_avx2(const F& body, int64_t b, int64_t e) {
+  body(b, e, IsaTag<Isa::kAvx2>{});
+}
+template <class F>
+TS_AVX512 void run_avx512(const F& body, int64_t b, int64_t e) {
+  body(b, e, IsaTag<Isa::kAvx512>{});
+}
+#endif
+
+// at::parallel_for, running the clone for this CPU.
+template <class F>
+void parallel(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  switch (cpu_isa()) {
+#if TS_X86
+    case Isa::kAvx512:
+      at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_avx512(body, b, e); });
+      return;
+    case Isa::kAvx2:
+      at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_avx2(body, b, e); });
+      return;
+#endif
+    default:
+      at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_base(body, b, e); });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Large outputs: huge pages and non-temporal stores
+// ---------------------------------------------------------------------------
+// Size of the last-level cache one core sees. sysfs first: in VMs
+// sysconf(_SC_LEVEL3_CACHE_SIZE) may report the whole host's L3.
+int64_t last_level_cache_bytes() {
+  static const int64_t cached = [] {
+    int64_t bytes = 0;
+#if defined(__linux__)
+    int best_level = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir =
+          "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      int level = 0;
+      long long size = 0;
+      char unit = 0;
+      FILE* f = std::fopen((dir + "level").c_str(), "r");
+      if (!f) break;
+      const bool ok_level = std::fscanf(f, "%d", &level) == 1;
+      std::fclose(f);
+      f = std::fopen((dir + "size").c_str(), "r");
+      if (!f) continue;
+      const int got = std::fscanf(f, "%lld%c", &size, &unit);
+      std::fclose(f);
+      if (!ok_level || got < 1 || level < best_level) continue;
+      best_level = level;
+      bytes = size * (unit == 'K' ? 1024 : unit == 'M' ? (1 << 20) : 1);
+    }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    if (bytes <= 0) bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+#endif
+    return bytes > 0 ? bytes : (int64_t(32) << 20);
+  }();
+  return cached;
+}
+
+// Outputs at least this large bypass the caches: they cannot stay in them anyway.
+int64_t stream_threshold() {
+  static const int64_t threshold = [] {
+    if (const char* env = std::getenv("TRIGSCAN_CPU_STREAM")) {
+      if (std::strcmp(env, "0") == 0) return INT64_MAX;
+      if (std::strcmp(env, "1") == 0) return int64_t(0);
+    }
+    return std::max<int64_t>(2 * last_level_cache_bytes(), int64_t(16) << 20);
+  }();
+  return threshold;
+}
+
+bool use_streaming(int64_t bytes) { return bytes >= stream_threshold(); }
+
+// Best effort: ask for transparent huge pages on a freshly allocated output
+// before its first touch. Only for buffers that are surely their own mapping
+// (glibc maps every block >= 32 MiB separately) and large (see above).
+bool huge_pages_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("TRIGSCAN_CPU_HUGEPAGES");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return enabled;
+}
+
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (!huge_pages_enabled() ||
+      bytes < std::max<int64_t>(int64_t(32) << 20, 2 * last_level_cache_bytes()))
+    return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+#if TS_X86
+TS_AVX512 void stream_bytes_avx512(char* dst, const char* src, int64_t n) {
+  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64);
+  std::memcpy(dst, src, head);
+  int64_t i = head;
+  for (; i + 64 <= n; i += 64)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i),
+                        _mm512_loadu_si512(reinterpret_cast<const void*>(src + i)));
+  std::memcpy(dst + i, src + i, n - i);
+}
+TS_AVX2 void stream_bytes_avx2(char* dst, const char* src, int64_t n) {
+  const int64_t head = std::min<int64_t>(n, (32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32);
+  std::memcpy(dst, src, head);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  std::memcpy(dst + i, src + i, n - i);
+}
+inline void stream_bytes_sse2(char* dst, const char* src, int64_t n) {
+  const int64_t head = std::min<int64_t>(n, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
+  std::memcpy(dst, src, head);
+  int64_t i = head;
+  for (; i + 16 <= n; i += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  std::memcpy(dst + i, src + i, n - i);
+}
+#endif
+
+// Copy n elements to dst with non-temporal stores (plain copy off x86).
+template <Isa I, typename T>
+inline void stream_store(T* dst, const T* src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+#if TS_X86
+  if constexpr (I == Isa::kAvx512) stream_bytes_avx512(d, s, bytes);
+  else if constexpr (I == Isa::kAvx2) stream_bytes_avx2(d, s, bytes);
+  else stream_bytes_sse2(d, s, bytes);
+#else
+  std::memcpy(d, s, bytes);
+#endif
+}
+
+// Non-temporal stores are weakly ordered: fence them before the task ends.
+inline void stream_fence() {
+#if TS_X86
+  _mm_sfence();
+#endif
+}
+
+// Writes `len` elements computed by fill(dst, lo, n) (elements lo..lo+n of the
+// row into dst[0..n)) to `out`, directly or through an L1 buffer + streaming.
+constexpr int64_t kStreamChunk = 1024;
+
+template <Isa I, typename T, class Fill>
+inline void write_row(T* out, int64_t len, bool stream, const Fill& fill) {
+  if (!stream) {
+    fill(out, int64_t(0), len);
+    return;
+  }
+  alignas(64) T buf[kStreamChunk];
+  for (int64_t lo = 0; lo < len; lo += kStreamChunk) {
+    const int64_t n = std::min(kStreamChunk, len - lo);
+    fill(buf, lo, n);
+    stream_store<I>(out + lo, buf, n);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Work splitting
+// ---------------------------------------------------------------------------
 // Grain sizes: enough elements per task to amortise scheduling.
 constexpr int64_t kGrainElements = 32768;
-constexpr int64_t kChunk = 64;  // spatial chunk of the backward reductions
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
 }
 
+// Accumulator block of the backward reductions: 128 bytes of T (two zmm).
+template <typename T>
+constexpr int64_t kBlock = 128 / static_cast<int64_t>(sizeof(T));
+
+// Spatial chunk of the backward kernels: a multiple of the accumulator block,
+// about four chunks per thread (so both threads stay busy and each chunk's
+// images stay in L2), at most 1024 pixels.
+template <typename T>
+int64_t spatial_chunk(int64_t HW) {
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = (HW + want - 1) / want;
+  const int64_t b = kBlock<T>;
+  return std::clamp<int64_t>((per + b - 1) / b * b, b, 1024);
+}
+
 // Index of the mask element covering channel c (mask broadcast when Cm == 1).
 inline int64_t mask_channel(const StampShape& s, int64_t c) { return s.Cm == 1 ? 0 : c; }
+
+// Philox words of blocks b0 .. b0+nb-1 of one sample (t, j, domain): word w of
+// block b at words[4 (b - b0) + w]. The same draw_block calls as nes_mask4 /
+// nes_noise4 in common/nes.h, kept apart from the element math so that this
+// loop vectorises across blocks.
+inline void draw_words(const NesShape& sh, int64_t t, int64_t j, RngDomain domain, int64_t b0,
+                       int64_t nb, uint32_t* words) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const U32x4 w = draw_block(sh.seed, sh.offset, static_cast<uint32_t>(t),
+                               static_cast<uint32_t>(j), domain, static_cast<uint32_t>(b0 + b));
+    words[4 * b + 0] = w.v[0];
+    words[4 * b + 1] = w.v[1];
+    words[4 * b + 2] = w.v[2];
+    words[4 * b + 3] = w.v[3];
+  }
+}
+
+// Bernoulli decisions of elements 0..n-1 from their words (nes_mask4).
+inline void masks_from_words(const uint32_t* words, const float* prob, float* m, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) m[e] = bernoulli(words[e], prob[e]);
+}
+
+// Standard normals of elements 0..n-1 (n even) from their words (normal4: words
+// 2q, 2q+1 -> elements 2q, 2q+1).
+inline void normals_from_words(const uint32_t* words, float* z, int64_t n) {
+  for (int64_t q = 0; q < n; q += 2) box_muller(words[q], words[q + 1], z[q], z[q + 1]);
+}
 
 struct NoGuard {
   explicit NoGuard(const at::Tensor&) {}
@@ -35,142 +343,206 @@ struct CpuBackend {
 
   template <typename T>
   static void stamp_forward(const T* x, const T* mask, const T* pattern, T* out, StampShape s) {
+    const int64_t bytes = s.T * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T));
+    advise_huge_pages(out, bytes);
+    const bool stream = use_streaming(bytes);
     // One row = one (t, n, c) plane of HW pixels.
-    at::parallel_for(0, s.T * s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end) {
+    parallel(0, s.T * s.N * s.C, grain_for(s.HW), [&](int64_t begin, int64_t end, auto isa) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t c = row % s.C, n = (row / s.C) % s.N, t = row / (s.C * s.N);
         const T* xr = x + (n * s.C + c) * s.HW;
         const T* mr = mask + (t * s.Cm + mask_channel(s, c)) * s.HW;
         const T* pr = pattern + (t * s.C + c) * s.HW;
-        T* o = out + row * s.HW;
-        for (int64_t i = 0; i < s.HW; ++i) o[i] = stamp_value(xr[i], mr[i], pr[i]);
+        write_row<decltype(isa)::value>(out + row * s.HW, s.HW, stream,
+                                        [&](T* o, int64_t lo, int64_t len) {
+          for (int64_t i = 0; i < len; ++i)
+            o[i] = stamp_value(xr[lo + i], mr[lo + i], pr[lo + i]);
+        });
       }
+      if (stream) stream_fence();
     });
   }
 
   // One pass over grad [T,N,C,HW]: each task owns a spatial chunk and reduces
-  // over n (for mask and pattern) and over t (for x) inside it.
+  // over n (for mask and pattern) and over t (for x) inside it. Per pixel the
+  // sums run in the order: grad_x over t; grad_pattern over n; grad_mask over
+  // n, and over c before n when the mask is broadcast.
   template <typename T>
   static void stamp_backward(const T* grad, const T* x, const T* mask, const T* pattern,
                              T* grad_x, T* grad_mask, T* grad_pattern, StampShape s) {
-    const int64_t chunks = (s.HW + kChunk - 1) / kChunk;
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      T acc_m[kChunk], acc_p[kChunk];
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t lo = chunk * kChunk, len = std::min(kChunk, s.HW - lo);
+    constexpr int64_t B = kBlock<T>;
+    const int64_t chunk = spatial_chunk<T>(s.HW);
+    const int64_t chunks = (s.HW + chunk - 1) / chunk;
+    parallel(0, chunks, 1, [&](int64_t begin, int64_t end, auto) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        const int64_t lo = ch * chunk, hi = std::min(s.HW, lo + chunk);
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = 0; c < s.C; ++c)
-            std::fill_n(grad_x + (n * s.C + c) * s.HW + lo, len, T(0));
+            std::fill(grad_x + (n * s.C + c) * s.HW + lo, grad_x + (n * s.C + c) * s.HW + hi,
+                      T(0));
         for (int64_t t = 0; t < s.T; ++t) {
-          for (int64_t c = 0; c < s.C; ++c) {
-            const bool first_of_mask = s.Cm != 1 || c == 0;
-            if (first_of_mask) std::fill_n(acc_m, len, T(0));
-            std::fill_n(acc_p, len, T(0));
-            const T* mr = mask + (t * s.Cm + mask_channel(s, c)) * s.HW + lo;
-            const T* pr = pattern + (t * s.C + c) * s.HW + lo;
-            for (int64_t n = 0; n < s.N; ++n) {
-              const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
-              const T* xr = x + (n * s.C + c) * s.HW + lo;
-              T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
-              for (int64_t i = 0; i < len; ++i) {
-                acc_m[i] += gr[i] * (pr[i] - xr[i]);
-                acc_p[i] += gr[i] * mr[i];
-                gxr[i] += gr[i] * (T(1) - mr[i]);
-              }
-            }
-            std::copy_n(acc_p, len, grad_pattern + (t * s.C + c) * s.HW + lo);
-            const bool last_of_mask = s.Cm != 1 || c == s.C - 1;
-            if (last_of_mask)
-              std::copy_n(acc_m, len, grad_mask + (t * s.Cm + mask_channel(s, c)) * s.HW + lo);
+          for (int64_t ib = lo; ib < hi; ib += B) {
+            const int64_t len = std::min(B, hi - ib);
+            if (len == B)
+              stamp_backward_block<T, B>(B, ib, t, grad, x, mask, pattern, grad_x, grad_mask,
+                                         grad_pattern, s);
+            else
+              stamp_backward_block<T, B>(len, ib, t, grad, x, mask, pattern, grad_x, grad_mask,
+                                         grad_pattern, s);
           }
         }
       }
     });
   }
 
+  // Pixels ib .. ib+len-1 (len <= B) of trigger t: accumulators in registers
+  // while walking the images.
+  template <typename T, int64_t B>
+  static inline __attribute__((always_inline)) void stamp_backward_block(
+      int64_t len, int64_t ib, int64_t t, const T* grad, const T* x, const T* mask,
+      const T* pattern, T* grad_x, T* grad_mask, T* grad_pattern, const StampShape& s) {
+    T acc_m[B] = {}, acc_p[B], m[B], one_minus_m[B], p[B], g[B], xv[B];
+    for (int64_t c = 0; c < s.C; ++c) {
+      const bool first_of_mask = s.Cm != 1 || c == 0;
+      if (first_of_mask)
+        for (int64_t i = 0; i < B; ++i) acc_m[i] = T(0);
+      for (int64_t i = 0; i < B; ++i) acc_p[i] = T(0);
+      const T* mr = mask + (t * s.Cm + mask_channel(s, c)) * s.HW + ib;
+      const T* pr = pattern + (t * s.C + c) * s.HW + ib;
+      for (int64_t i = 0; i < len; ++i) {
+        m[i] = mr[i];
+        one_minus_m[i] = T(1) - mr[i];
+        p[i] = pr[i];
+      }
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + ib;
+        const T* xr = x + (n * s.C + c) * s.HW + ib;
+        T* gxr = grad_x + (n * s.C + c) * s.HW + ib;
+        for (int64_t i = 0; i < len; ++i) {
+          g[i] = gr[i];
+          xv[i] = xr[i];
+        }
+        for (int64_t i = 0; i < len; ++i) {
+          acc_m[i] += g[i] * (p[i] - xv[i]);
+          acc_p[i] += g[i] * m[i];
+        }
+        for (int64_t i = 0; i < len; ++i) gxr[i] += g[i] * one_minus_m[i];
+      }
+      T* gp = grad_pattern + (t * s.C + c) * s.HW + ib;
+      for (int64_t i = 0; i < len; ++i) gp[i] = acc_p[i];
+      const bool last_of_mask = s.Cm != 1 || c == s.C - 1;
+      if (last_of_mask) {
+        T* gm = grad_mask + (t * s.Cm + mask_channel(s, c)) * s.HW + ib;
+        for (int64_t i = 0; i < len; ++i) gm[i] = acc_m[i];
+      }
+    }
+  }
+
   // Each task owns whole (t, row) query images: it draws that row's mask and
   // pattern once into a scratch of O(C*H*W) and stamps all N images with them.
+  // g(theta_m) and g(theta_p) are computed once per trigger (O(T*d) memory).
   static void nes_sample_stamp(const float* x, const float* theta_m, const float* theta_p,
                                float* out, NesShape sh) {
     const StampShape& s = sh.s;
     const int64_t dm = s.Cm * s.HW, dp = s.C * s.HW, rows = sh.rows();
-    at::parallel_for(0, s.T * rows, grain_for(s.N * dp), [&](int64_t begin, int64_t end) {
-      std::vector<float> m(dm), p(dp), prob(dm + 3, 0.0f), eps(4);
+    const int64_t bm = (dm + 3) / 4, bp = (dp + 3) / 4;
+    std::vector<float> prob(s.T * dm), pat(s.T * dp);
+    parallel(0, s.T, 1, [&](int64_t begin, int64_t end, auto) {
+      for (int64_t e = begin * dm; e < end * dm; ++e) prob[e] = squash(theta_m[e]);
+      for (int64_t e = begin * dp; e < end * dp; ++e) pat[e] = squash(theta_p[e]);
+    });
+    const int64_t bytes = s.T * rows * s.N * dp * static_cast<int64_t>(sizeof(float));
+    advise_huge_pages(out, bytes);
+    const bool stream = use_streaming(bytes);
+    parallel(0, s.T * rows, grain_for(s.N * dp), [&](int64_t begin, int64_t end, auto isa) {
+      std::vector<float> m_buf(4 * bm), p_buf(4 * bp);
+      std::vector<uint32_t> words(4 * std::max(bm, bp));
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / rows, row = item % rows;
         const NesRow r = nes_row(sh, row);
-        const float* tm = theta_m + t * dm;
-        const float* tp = theta_p + t * dp;
-        for (int64_t e = 0; e < dm; ++e) prob[e] = squash(tm[e]);
+        const float* prob_t = prob.data() + t * dm;
+        const float* pat_t = pat.data() + t * dp;
+        const float* m = prob_t;
+        const float* p = pat_t;
         if (r.sampled_mask) {
-          for (int64_t b = 0; b * 4 < dm; ++b) {
-            float m4[4];
-            nes_mask4(sh, t, r.j, b, &prob[b * 4], m4);
-            for (int64_t i = 0; i < 4 && b * 4 + i < dm; ++i) m[b * 4 + i] = m4[i];
-          }
-        } else {
-          std::copy_n(prob.begin(), dm, m.begin());
+          draw_words(sh, t, r.j, kDomainMask, 0, bm, words.data());
+          masks_from_words(words.data(), prob_t, m_buf.data(), dm);
+          m = m_buf.data();
         }
         if (r.sampled_pattern) {
-          for (int64_t b = 0; b * 4 < dp; ++b) {
-            float z[4];
-            nes_noise4(sh, t, r.j, b, z);
-            for (int64_t i = 0; i < 4 && b * 4 + i < dp; ++i)
-              p[b * 4 + i] = squash(tp[b * 4 + i] + sh.sigma * z[i]);
-          }
-        } else {
-          for (int64_t e = 0; e < dp; ++e) p[e] = squash(tp[e]);
+          draw_words(sh, t, r.j, kDomainPattern, 0, bp, words.data());
+          float* z = p_buf.data();
+          normals_from_words(words.data(), z, 4 * bp);
+          const float* tp = theta_p + t * dp;
+          for (int64_t e = 0; e < dp; ++e) z[e] = squash(tp[e] + sh.sigma * z[e]);
+          p = z;
         }
         float* o = out + item * s.N * dp;
         for (int64_t n = 0; n < s.N; ++n) {
           for (int64_t c = 0; c < s.C; ++c) {
             const float* xr = x + (n * s.C + c) * s.HW;
-            const float* mr = m.data() + mask_channel(s, c) * s.HW;
-            const float* pr = p.data() + c * s.HW;
-            float* orow = o + (n * s.C + c) * s.HW;
-            for (int64_t i = 0; i < s.HW; ++i) orow[i] = stamp_value(xr[i], mr[i], pr[i]);
+            const float* mr = m + mask_channel(s, c) * s.HW;
+            const float* pr = p + c * s.HW;
+            write_row<decltype(isa)::value>(o + (n * s.C + c) * s.HW, s.HW, stream,
+                                            [&](float* orow, int64_t lo, int64_t len) {
+              for (int64_t i = 0; i < len; ++i)
+                orow[i] = stamp_value(xr[lo + i], mr[lo + i], pr[lo + i]);
+            });
           }
         }
       }
+      if (stream) stream_fence();
     });
   }
 
-  // Each task owns blocks of 4 elements of one trigger and regenerates their
-  // k samples; nothing of size k * d is ever stored.
+  // Each task owns a range of blocks of 4 elements of one trigger and
+  // regenerates their k samples; nothing of size k * d is ever stored.
+  static constexpr int64_t kGradBlocks = 64;  // blocks per task (256 elements)
+
   static void nes_grad(const float* losses, const float* theta_m, const float* theta_p,
                        float* grad_m, float* grad_p, NesShape sh, bool baseline) {
     const StampShape& s = sh.s;
     const int64_t dm = s.Cm * s.HW, dp = s.C * s.HW, rows = sh.rows();
     const int64_t bm = (dm + 3) / 4, bp = (dp + 3) / 4;
-    at::parallel_for(0, s.T * (bm + bp), grain_for(4 * sh.k), [&](int64_t begin, int64_t end) {
+    const int64_t rm = (bm + kGradBlocks - 1) / kGradBlocks;  // mask ranges per trigger
+    const int64_t rp = (bp + kGradBlocks - 1) / kGradBlocks;  // pattern ranges per trigger
+    const int64_t per_t = rm + rp;
+    parallel(0, s.T * per_t, grain_for(4 * kGradBlocks * sh.k), [&](int64_t begin, int64_t end,
+                                                                     auto) {
+      alignas(64) uint32_t words[4 * kGradBlocks];
+      alignas(64) float prob[4 * kGradBlocks], acc[4 * kGradBlocks], v[4 * kGradBlocks];
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / (bm + bp), b = item % (bm + bp);
+        const int64_t t = item / per_t, r = item % per_t;
         const float* F = losses + t * rows;
-        if (b < bm) {
+        if (r < rm) {
+          const int64_t b0 = r * kGradBlocks, nb = std::min(kGradBlocks, bm - b0);
+          const int64_t e0 = 4 * b0, ne = std::min(4 * nb, dm - e0);
           const float mean = baseline ? nes_loss_mean(F, nes_mask_column(sh, 0), sh.k) : 0.0f;
-          float prob[4] = {0, 0, 0, 0}, acc[4] = {0, 0, 0, 0};
-          for (int i = 0; i < 4 && b * 4 + i < dm; ++i) prob[i] = squash(theta_m[t * dm + b * 4 + i]);
-          for (int64_t j = 0; j < sh.k; ++j) {
-            float m4[4];
-            nes_mask4(sh, t, j, b, prob, m4);
-            const float f = F[nes_mask_column(sh, j)] - mean;
-            for (int i = 0; i < 4; ++i) acc[i] += f * (2.0f * (m4[i] - prob[i]));
+          for (int64_t e = 0; e < 4 * nb; ++e) {
+            prob[e] = e < ne ? squash(theta_m[t * dm + e0 + e]) : 0.0f;
+            acc[e] = 0.0f;
           }
-          for (int i = 0; i < 4 && b * 4 + i < dm; ++i)
-            grad_m[t * dm + b * 4 + i] = acc[i] / static_cast<float>(sh.k);
-        } else {
-          const int64_t bb = b - bm;
-          const float mean = baseline ? nes_loss_mean(F, nes_pattern_column(sh, 0), sh.k) : 0.0f;
-          float acc[4] = {0, 0, 0, 0};
           for (int64_t j = 0; j < sh.k; ++j) {
-            float z[4];
-            nes_noise4(sh, t, j, bb, z);
+            draw_words(sh, t, j, kDomainMask, b0, nb, words);
+            masks_from_words(words, prob, v, 4 * nb);
+            const float f = F[nes_mask_column(sh, j)] - mean;
+            for (int64_t e = 0; e < 4 * nb; ++e) acc[e] += f * (2.0f * (v[e] - prob[e]));
+          }
+          for (int64_t e = 0; e < ne; ++e)
+            grad_m[t * dm + e0 + e] = acc[e] / static_cast<float>(sh.k);
+        } else {
+          const int64_t b0 = (r - rm) * kGradBlocks, nb = std::min(kGradBlocks, bp - b0);
+          const int64_t e0 = 4 * b0, ne = std::min(4 * nb, dp - e0);
+          const float mean = baseline ? nes_loss_mean(F, nes_pattern_column(sh, 0), sh.k) : 0.0f;
+          for (int64_t e = 0; e < 4 * nb; ++e) acc[e] = 0.0f;
+          for (int64_t j = 0; j < sh.k; ++j) {
+            draw_words(sh, t, j, kDomainPattern, b0, nb, words);
+            normals_from_words(words, v, 4 * nb);
             const float f = F[nes_pattern_column(sh, j)] - mean;
-            for (int i = 0; i < 4; ++i) acc[i] += f * z[i];
+            for (int64_t e = 0; e < 4 * nb; ++e) acc[e] += f * v[e];
           }
           const float scale = static_cast<float>(sh.k) * sh.sigma;
-          for (int i = 0; i < 4 && bb * 4 + i < dp; ++i)
-            grad_p[t * dp + bb * 4 + i] = acc[i] / scale;
+          for (int64_t e = 0; e < ne; ++e) grad_p[t * dp + e0 + e] = acc[e] / scale;
         }
       }
     });
@@ -179,20 +551,21 @@ struct CpuBackend {
   static void nes_samples(const float* theta_m, float* masks, float* noise, NesShape sh) {
     const StampShape& s = sh.s;
     const int64_t dm = s.Cm * s.HW, dp = s.C * s.HW;
-    at::parallel_for(0, s.T * sh.k, grain_for(dm + dp), [&](int64_t begin, int64_t end) {
+    const int64_t bm = (dm + 3) / 4, bp = (dp + 3) / 4;
+    std::vector<float> prob(s.T * dm);
+    parallel(0, s.T, 1, [&](int64_t begin, int64_t end, auto) {
+      for (int64_t e = begin * dm; e < end * dm; ++e) prob[e] = squash(theta_m[e]);
+    });
+    parallel(0, s.T * sh.k, grain_for(dm + dp), [&](int64_t begin, int64_t end, auto) {
+      std::vector<uint32_t> words(4 * std::max(bm, bp));
+      std::vector<float> v(4 * std::max(bm, bp));
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / sh.k, j = item % sh.k;
-        for (int64_t b = 0; b * 4 < dm; ++b) {
-          float prob[4] = {0, 0, 0, 0}, m4[4];
-          for (int i = 0; i < 4 && b * 4 + i < dm; ++i) prob[i] = squash(theta_m[t * dm + b * 4 + i]);
-          nes_mask4(sh, t, j, b, prob, m4);
-          for (int i = 0; i < 4 && b * 4 + i < dm; ++i) masks[item * dm + b * 4 + i] = m4[i];
-        }
-        for (int64_t b = 0; b * 4 < dp; ++b) {
-          float z[4];
-          nes_noise4(sh, t, j, b, z);
-          for (int i = 0; i < 4 && b * 4 + i < dp; ++i) noise[item * dp + b * 4 + i] = z[i];
-        }
+        draw_words(sh, t, j, kDomainMask, 0, bm, words.data());
+        masks_from_words(words.data(), prob.data() + t * dm, masks + item * dm, dm);
+        draw_words(sh, t, j, kDomainPattern, 0, bp, words.data());
+        normals_from_words(words.data(), v.data(), 4 * bp);
+        std::copy_n(v.data(), dp, noise + item * dp);
       }
     });
   }
@@ -200,8 +573,11 @@ struct CpuBackend {
   template <typename T>
   static void pixel_stamp_forward(const T* x, const T* b_p, const T* b_n, T* out, StampShape s,
                                   T maxp, bool use_tanh) {
+    const int64_t bytes = s.T * s.N * s.C * s.HW * static_cast<int64_t>(sizeof(T));
+    advise_huge_pages(out, bytes);
+    const bool stream = use_streaming(bytes);
     // One task per (t, c) plane: P(b_p), P(b_n) are computed once and applied to all N images.
-    at::parallel_for(0, s.T * s.C, grain_for(s.N * s.HW), [&](int64_t begin, int64_t end) {
+    parallel(0, s.T * s.C, grain_for(s.N * s.HW), [&](int64_t begin, int64_t end, auto isa) {
       std::vector<T> pp(s.HW), pn(s.HW);
       for (int64_t tc = begin; tc < end; ++tc) {
         const int64_t t = tc / s.C, c = tc % s.C;
@@ -209,13 +585,19 @@ struct CpuBackend {
           pp[i] = pixel_perturbation(b_p[tc * s.HW + i], maxp, use_tanh);
           pn[i] = pixel_perturbation(b_n[tc * s.HW + i], maxp, use_tanh);
         }
+        const T* ppr = pp.data();
+        const T* pnr = pn.data();
         for (int64_t n = 0; n < s.N; ++n) {
           const T* xr = x + (n * s.C + c) * s.HW;
-          T* o = out + ((t * s.N + n) * s.C + c) * s.HW;
-          for (int64_t i = 0; i < s.HW; ++i)
-            o[i] = clamp_value(pixel_unclipped(xr[i], pp[i], pn[i]), T(0), maxp);
+          write_row<decltype(isa)::value>(out + ((t * s.N + n) * s.C + c) * s.HW, s.HW, stream,
+                                          [&](T* o, int64_t lo, int64_t len) {
+            for (int64_t i = 0; i < len; ++i)
+              o[i] = clamp_value(pixel_unclipped(xr[lo + i], ppr[lo + i], pnr[lo + i]), T(0),
+                                 maxp);
+          });
         }
       }
+      if (stream) stream_fence();
     });
   }
 
@@ -223,47 +605,69 @@ struct CpuBackend {
   static void pixel_stamp_backward(const T* grad, const T* x, const T* b_p, const T* b_n,
                                    T* grad_x, T* grad_p, T* grad_n, StampShape s, T maxp,
                                    bool use_tanh) {
-    const int64_t chunks = (s.HW + kChunk - 1) / kChunk;
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      T pp[kChunk], pn[kChunk], acc[kChunk];
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t lo = chunk * kChunk, len = std::min(kChunk, s.HW - lo);
+    constexpr int64_t B = kBlock<T>;
+    const int64_t chunk = spatial_chunk<T>(s.HW);
+    const int64_t chunks = (s.HW + chunk - 1) / chunk;
+    parallel(0, chunks, 1, [&](int64_t begin, int64_t end, auto) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        const int64_t lo = ch * chunk, hi = std::min(s.HW, lo + chunk);
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = 0; c < s.C; ++c)
-            std::fill_n(grad_x + (n * s.C + c) * s.HW + lo, len, T(0));
+            std::fill(grad_x + (n * s.C + c) * s.HW + lo, grad_x + (n * s.C + c) * s.HW + hi,
+                      T(0));
         for (int64_t t = 0; t < s.T; ++t) {
-          for (int64_t c = 0; c < s.C; ++c) {
-            const int64_t base = (t * s.C + c) * s.HW + lo;
-            for (int64_t i = 0; i < len; ++i) {
-              pp[i] = pixel_perturbation(b_p[base + i], maxp, use_tanh);
-              pn[i] = pixel_perturbation(b_n[base + i], maxp, use_tanh);
-            }
-            std::fill_n(acc, len, T(0));
-            for (int64_t n = 0; n < s.N; ++n) {
-              const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
-              const T* xr = x + (n * s.C + c) * s.HW + lo;
-              T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
-              for (int64_t i = 0; i < len; ++i) {
-                const T passed =
-                    within(pixel_unclipped(xr[i], pp[i], pn[i]), T(0), maxp) ? gr[i] : T(0);
-                acc[i] += passed;
-                gxr[i] += passed;
-              }
-            }
-            for (int64_t i = 0; i < len; ++i) {
-              grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, use_tanh);
-              grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, use_tanh);
-            }
+          for (int64_t ib = lo; ib < hi; ib += B) {
+            const int64_t len = std::min(B, hi - ib);
+            if (len == B)
+              pixel_backward_block<T, B>(B, ib, t, grad, x, b_p, b_n, grad_x, grad_p, grad_n, s,
+                                         maxp, use_tanh);
+            else
+              pixel_backward_block<T, B>(len, ib, t, grad, x, b_p, b_n, grad_x, grad_p, grad_n,
+                                         s, maxp, use_tanh);
           }
         }
       }
     });
   }
 
+  template <typename T, int64_t B>
+  static inline __attribute__((always_inline)) void pixel_backward_block(
+      int64_t len, int64_t ib, int64_t t, const T* grad, const T* x, const T* b_p, const T* b_n,
+      T* grad_x, T* grad_p, T* grad_n, const StampShape& s, T maxp, bool use_tanh) {
+    T pp[B], pn[B], acc[B], g[B], xv[B], passed[B];
+    for (int64_t c = 0; c < s.C; ++c) {
+      const int64_t base = (t * s.C + c) * s.HW + ib;
+      for (int64_t i = 0; i < len; ++i) {
+        pp[i] = pixel_perturbation(b_p[base + i], maxp, use_tanh);
+        pn[i] = pixel_perturbation(b_n[base + i], maxp, use_tanh);
+      }
+      for (int64_t i = 0; i < B; ++i) acc[i] = T(0);
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + ib;
+        const T* xr = x + (n * s.C + c) * s.HW + ib;
+        T* gxr = grad_x + (n * s.C + c) * s.HW + ib;
+        for (int64_t i = 0; i < len; ++i) {
+          g[i] = gr[i];
+          xv[i] = xr[i];
+        }
+        for (int64_t i = 0; i < len; ++i) {
+          passed[i] = within(pixel_unclipped(xv[i], pp[i], pn[i]), T(0), maxp) ? g[i] : T(0);
+          acc[i] += passed[i];
+        }
+        for (int64_t i = 0; i < len; ++i) gxr[i] += passed[i];
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, use_tanh);
+        grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, use_tanh);
+      }
+    }
+  }
+
   // sum over pixels of max over channels of g(b / gamma), for b_p and b_n.
   template <typename T>
   static void pixel_size_loss_forward(const T* b_p, const T* b_n, T* out, StampShape s, T gamma) {
-    at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
+    parallel(0, s.T, 1, [&](int64_t begin, int64_t end, auto) {
+      std::vector<T> v(s.HW);
       for (int64_t t = begin; t < end; ++t) {
         T total = 0;
         for (const T* b : {b_p, b_n}) {
@@ -271,8 +675,9 @@ struct CpuBackend {
           for (int64_t i = 0; i < s.HW; ++i) {
             T best = bt[i];
             for (int64_t c = 1; c < s.C; ++c) best = std::max(best, bt[c * s.HW + i]);
-            total += squash(best / gamma);
+            v[i] = squash(best / gamma);
           }
+          for (int64_t i = 0; i < s.HW; ++i) total += v[i];  // in pixel order
         }
         out[t] = total;
       }
@@ -283,19 +688,18 @@ struct CpuBackend {
   template <typename T>
   static void pixel_size_loss_backward(const T* grad, const T* b_p, const T* b_n, T* grad_p,
                                        T* grad_n, StampShape s, T gamma) {
-    at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int side = 0; side < 2; ++side) {
-          const T* bt = (side == 0 ? b_p : b_n) + t * s.C * s.HW;
-          T* gt = (side == 0 ? grad_p : grad_n) + t * s.C * s.HW;
-          std::fill_n(gt, s.C * s.HW, T(0));
-          for (int64_t i = 0; i < s.HW; ++i) {
-            int64_t arg = 0;
-            for (int64_t c = 1; c < s.C; ++c)
-              if (bt[c * s.HW + i] > bt[arg * s.HW + i]) arg = c;
-            const T g = squash(bt[arg * s.HW + i] / gamma);
-            gt[arg * s.HW + i] = grad[t] * squash_grad_from_value(g) / gamma;
-          }
+    parallel(0, 2 * s.T, 1, [&](int64_t begin, int64_t end, auto) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item >> 1, side = item & 1;
+        const T* bt = (side == 0 ? b_p : b_n) + t * s.C * s.HW;
+        T* gt = (side == 0 ? grad_p : grad_n) + t * s.C * s.HW;
+        std::fill_n(gt, s.C * s.HW, T(0));
+        for (int64_t i = 0; i < s.HW; ++i) {
+          int64_t arg = 0;
+          for (int64_t c = 1; c < s.C; ++c)
+            if (bt[c * s.HW + i] > bt[arg * s.HW + i]) arg = c;
+          const T g = squash(bt[arg * s.HW + i] / gamma);
+          gt[arg * s.HW + i] = grad[t] * squash_grad_from_value(g) / gamma;
         }
       }
     });
