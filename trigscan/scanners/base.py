@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..detect import mad_anomaly_index, mad_outliers
@@ -177,18 +178,24 @@ class CostSchedule:
 
 
 class BestTracker:
-    """The best trigger per class: the smallest `size` among steps whose success
-    rate reached the threshold (plus any method-specific condition)."""
+    """The best trigger per class among steps whose success rate reached the
+    threshold (`eligible`): a step's trigger replaces the kept one when it lowers
+    `size` — or, with ``criteria`` > 1, when it lowers every one of the
+    `criteria` columns of `size` [rows, criteria] (PixelBackdoor: L_pixel and
+    the pixel count)."""
 
-    def __init__(self, k: int, device=None):
-        self.size = torch.full((k,), math.inf, device=device)
+    def __init__(self, k: int, device=None, criteria: int = 1):
+        shape = (k,) if criteria == 1 else (k, criteria)
+        self.size = torch.full(shape, math.inf, device=device)
         self.asr = torch.zeros(k, device=device)
         self.step = torch.full((k,), -1, dtype=torch.long, device=device)
         self.trigger: dict[str, torch.Tensor] = {}
 
     def update(self, rows, step: int, size, asr, trigger: dict[str, torch.Tensor],
                eligible) -> torch.Tensor:
-        better = eligible & (size < self.size[rows])
+        """Returns `better` [rows]: which rows took this step's trigger."""
+        lower = size < self.size[rows]
+        better = eligible & (lower if lower.dim() == 1 else lower.all(dim=1))
         chosen = rows[better]
         for key, value in trigger.items():
             if key not in self.trigger:
@@ -216,11 +223,150 @@ def progress_bar(total: int, desc: str, show: bool):
 
 
 # ---------------------------------------------------------------------------
+# Which images each inversion is optimised on, in bounded chunks
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Batch:
+    """One mini-batch for a run of rows (inversions).
+
+    x: shared images [B, C, H, W] (every row sees the same images) or one batch
+    per row [R, B, C, H, W]. weight: None (shared) or [R, B], 1 for a real image
+    of the row, 0 for padding (see RowImages). clean: the model's predictions on
+    the unstamped images ([B] or [R, B]) when the method asked for them.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+
+    @property
+    def per_row(self) -> bool:
+        return self.x.dim() == 5
+
+
+class RowImages:
+    """The scan images each row is optimised on.
+
+    Shared (index None): every row uses all N images, in order. Per row: row r
+    uses ``images[index[r, :counts[r]]]``; lists shorter than the longest are
+    padded by cycling through the row's own images, so that all rows take the
+    same number of mini-batches per step (padding enters the loss like any
+    image, but never the success rate). Mini-batches are cut into chunks of
+    rows so that at most `max_images` stamped images go through the model at
+    once; gradients of the chunks accumulate, so chunking does not change the
+    maths.
+    """
+
+    def __init__(self, images: torch.Tensor, index: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None, clean: torch.Tensor | None = None):
+        self.images, self.index, self.counts, self.clean = images, index, counts, clean
+
+    @classmethod
+    def per_row(cls, images: torch.Tensor, lists: list[torch.Tensor], what: str) -> "RowImages":
+        """lists[r]: indices of row r's images. `what` names the rows in errors."""
+        counts = torch.tensor([len(ix) for ix in lists], device=images.device)
+        empty = [i for i, ix in enumerate(lists) if len(ix) == 0]
+        if empty:
+            raise ValueError(f"labels: no scan image for {what} {empty}")
+        length = int(counts.max())
+        index = torch.stack([ix.to(images.device)[torch.arange(length, device=images.device) % len(ix)]
+                             for ix in lists])
+        return cls(images, index, counts)
+
+    @property
+    def length(self) -> int:
+        """Images per row per step (padded length for per-row lists)."""
+        return self.images.shape[0] if self.index is None else self.index.shape[1]
+
+    def count(self, rows: torch.Tensor) -> torch.Tensor:
+        """Real images of each row (the success-rate denominator), float [R]."""
+        if self.index is None:
+            return torch.full((rows.numel(),), float(self.images.shape[0]), device=self.images.device)
+        return self.counts[rows].float()
+
+    def select(self, rows: torch.Tensor) -> "RowImages":
+        if self.index is None:
+            return self
+        return RowImages(self.images, self.index[rows], self.counts[rows], self.clean)
+
+    def predict(self, model, batch_size: int) -> None:
+        """Store the model's predictions on the clean images (for methods that need them)."""
+        with torch.no_grad():
+            self.clean = torch.cat([model(x).argmax(dim=1) for x in image_batches(self.images, batch_size)])
+
+    def batches(self, rows: torch.Tensor, batch_size: int, max_images: int):
+        """For each mini-batch: an iterator of (sl, Batch), `sl` a slice of `rows`."""
+        for lo in range(0, self.length, batch_size):
+            yield self._chunks(rows, lo, min(lo + batch_size, self.length), max_images)
+
+    def _chunks(self, rows, lo, hi, max_images):
+        per_chunk = max(1, max_images // (hi - lo))
+        for start in range(0, rows.numel(), per_chunk):
+            sl = slice(start, min(start + per_chunk, rows.numel()))
+            if self.index is None:
+                clean = None if self.clean is None else self.clean[lo:hi]
+                yield sl, Batch(self.images[lo:hi], None, clean)
+            else:
+                index = self.index[rows[sl], lo:hi]
+                position = torch.arange(lo, hi, device=index.device)
+                weight = (position[None] < self.counts[rows[sl], None]).float()
+                clean = None if self.clean is None else self.clean[index]
+                yield sl, Batch(self.images[index], weight, clean)
+
+
+# ---------------------------------------------------------------------------
+# Model outputs of stamped rows
+# ---------------------------------------------------------------------------
+def stamped_logits(model, stamp, x: torch.Tensor, *trigger: torch.Tensor) -> torch.Tensor:
+    """Logits [R, B, classes] of R triggers stamped on images.
+
+    stamp(x [B, C, H, W], *trigger [R, ., H, W]) -> [R, B, C, H, W] is a kernel
+    (ops.stamp, ops.pixel_stamp with its scalars bound). x is shared [B, C, H, W]
+    or per row [R, B, C, H, W]; per-row images go through the same kernel with
+    the rows folded into the channel axis (x -> [B, R*C, H, W], every trigger
+    tensor -> [1, R*C, H, W]), which is exact because the stamps act on each
+    channel independently.
+    """
+    if x.dim() == 4:
+        stamped = stamp(x, *trigger)
+        r, b = stamped.shape[:2]
+        return model(stamped.reshape(r * b, *stamped.shape[2:])).view(r, b, -1)
+    r, b, c, h, w = x.shape
+    folded = x.transpose(0, 1).reshape(b, r * c, h, w)
+    tensors = [t.expand(r, c, h, w).reshape(1, r * c, h, w) for t in trigger]
+    stamped = stamp(folded, *tensors)  # [1, B, R*C, H, W]
+    return model(stamped.reshape(b * r, c, h, w)).view(b, r, -1).transpose(0, 1)
+
+
+def target_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per row: logits [R, B, classes], targets [R] -> [R]."""
+    k, b, n = logits.shape
+    return F.cross_entropy(logits.reshape(k * b, n), targets.repeat_interleave(b),
+                           reduction="none").view(k, b).mean(dim=1)
+
+
+def target_hits(logits: torch.Tensor, targets: torch.Tensor, weight=None) -> torch.Tensor:
+    """Images classified as the row's target, per row (padding excluded) -> float [R]."""
+    hits = (logits.argmax(dim=2) == targets[:, None]).float()
+    return hits.sum(dim=1) if weight is None else (hits * weight).sum(dim=1)
+
+
+def slice_rows(tensors: dict[str, torch.Tensor], sl) -> dict[str, torch.Tensor]:
+    return {key: value[sl] for key, value in tensors.items()}
+
+
+# ---------------------------------------------------------------------------
 # The driver of every white-box trigger optimisation
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class OptimizerConfig:
-    """Options every optimisation-based method shares (defaults: Neural Cleanse)."""
+    """Options every optimisation-based method shares (defaults: Neural Cleanse).
+
+    batched: optimise all candidate classes as one batch (default) or, for
+    comparison, one class after the other with the same per-class maths.
+    max_batch_images: at most this many stamped images per model
+    forward/backward; more rows are processed in chunks (same maths).
+    """
 
     lr: float = 0.1
     betas: tuple[float, float] = (0.5, 0.9)
@@ -234,114 +380,217 @@ class OptimizerConfig:
     cost_down: float = 2.0 ** 1.5
     early_stop_patience: int | None = 25  # None: never stop early
     anomaly_threshold: float = 2.0
+    batched: bool = True
+    max_batch_images: int = 4096
+
+    def __post_init__(self):
+        positive = {"lr": self.lr, "init_cost": self.init_cost, "cost_up": self.cost_up,
+                    "cost_down": self.cost_down, "anomaly_threshold": self.anomaly_threshold}
+        for name, value in positive.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+        counts = {"batch_size": self.batch_size, "max_steps": self.max_steps,
+                  "patience": self.patience, "max_batch_images": self.max_batch_images}
+        if self.early_stop_patience is not None:
+            counts["early_stop_patience"] = self.early_stop_patience
+        for name, value in counts.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if not 0 < self.asr_threshold <= 1:
+            raise ValueError(f"asr_threshold: expected a value in (0, 1], got {self.asr_threshold!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: expected two values in [0, 1), got {self.betas!r}")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the optimisation of a set of rows leaves behind."""
+
+    best: BestTracker
+    last: dict[str, torch.Tensor]  # the trigger after the last step, per row
+    steps: torch.Tensor
+    stopped_early: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list["Outcome"]) -> "Outcome":
+        first = parts[0]
+        best = BestTracker(0, first.steps.device, 1 if first.best.size.dim() == 1 else first.best.size.shape[1])
+        best.size = torch.cat([p.best.size for p in parts])
+        best.asr = torch.cat([p.best.asr for p in parts])
+        best.step = torch.cat([p.best.step for p in parts])
+        best.trigger = {key: torch.cat([p.best.trigger[key] for p in parts]) for key in first.best.trigger}
+        return Outcome(best, {key: torch.cat([p.last[key] for p in parts]) for key in first.last},
+                       torch.cat([p.steps for p in parts]), torch.cat([p.stopped_early for p in parts]))
 
 
 class TriggerOptimizer(Scanner):
-    """A white-box method that optimises one trigger per class with Adam under
-    the dynamic cost schedule. Subclasses provide:
+    """A white-box method that optimises one trigger per row with Adam under
+    the dynamic cost schedule. A row is one inversion: a candidate target class
+    (universal triggers) or a (source, target) pair. All rows are one batch
+    dimension. Subclasses provide:
 
-    - ``_init_params(k, image_shape, generator)`` -> dict of leaf tensors [k, ...]
-    - ``_batch_loss(model, params, x, targets, cost)`` -> (loss [ka], hits [ka])
-      for the active rows' params (mean loss over the batch, number of images
-      classified as the target)
-    - ``_trigger(params)`` -> dict of trigger tensors [ka, ...] (what is kept)
-    - ``_size(trigger)`` -> [ka], the quantity the best trigger minimises
-    - optionally ``_after_step(params, rows)`` (e.g. pruning) and
-      ``_statistic(trigger)`` (default: the size) and ``_is_better``.
+    - ``_init_params(k, image_shape, generator)`` -> dict of tensors [k, ...]
+    - ``_batch_loss(model, params, batch, targets, cost)`` -> (loss [r], hits [r])
+      for a chunk of rows (mean loss over the batch; images sent to the target,
+      from ``target_hits(logits, targets, batch.weight)``)
+    - ``_trigger(params)`` -> dict of trigger tensors [r, ...] (what is kept)
+    - ``_size(trigger)`` -> [r], what the best trigger minimises
+    - ``_success(model, trigger, batch, targets)`` -> hits [r] of a kept trigger
+    and optionally:
+    - ``_rows(classes, labels)`` -> (targets [R], sources [R] or None)
+    - ``_victims(images, labels, targets, sources)`` -> RowImages (default: all
+      images for every row)
+    - ``_best_key(params, trigger)`` -> [r] or [r, S]: a new best must lower all
+      of it (default: the size)
+    - ``_adopt(params, rows, trigger)``: called with the rows that just took a
+      new best (e.g. write the pruned trigger back into the variables)
+    - ``_statistic(model, data, trigger, targets, asr)`` -> [R] (default: size)
+    - ``needs_clean_predictions``: the batches carry the model's predictions
     """
 
     anomaly_side = "low"
+    needs_clean_predictions = False
+    best_criteria = 1
     Config = OptimizerConfig
 
-    def _after_step(self, params, rows) -> None:
-        pass
+    # -- hooks with defaults ------------------------------------------------
+    def _rows(self, classes, labels):
+        return torch.tensor(classes), None
 
-    def _statistic(self, trigger) -> torch.Tensor:
+    def _victims(self, images, labels, targets, sources) -> RowImages:
+        return RowImages(images)
+
+    def _best_key(self, params, trigger) -> torch.Tensor:
         return self._size(trigger)
 
-    def _success(self, model, trigger, images, targets) -> torch.Tensor:
-        """Fraction of `images` the kept trigger sends to each target."""
-        raise NotImplementedError
+    def _adopt(self, params, rows, trigger) -> None:
+        pass
 
+    def _statistic(self, model, data, trigger, targets, asr) -> torch.Tensor:
+        return self._size(trigger)
+
+    # -- the scan -----------------------------------------------------------
     def _scan(self, model, images, labels, classes, seed, show) -> ScanResult:
         cfg = self.config
         device = images.device
-        k = len(classes)
-        targets = torch.tensor(classes, device=device)
+        targets, sources = self._rows(classes, labels)
+        targets = targets.to(device)
+        sources = None if sources is None else sources.to(device)
+        data = self._victims(images, labels, targets, sources)
+        if self.needs_clean_predictions:
+            data.predict(model, cfg.batch_size)
+        k = targets.shape[0]
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        params = {name: p.to(device).requires_grad_(True)
-                  for name, p in self._init_params(k, tuple(images.shape[1:]), generator).items()}
+        init = {name: p.to(device) for name, p in
+                self._init_params(k, tuple(images.shape[1:]), generator).items()}
+        what = "pairs" if sources is not None else "classes"
+        if cfg.batched:
+            bar = progress_bar(cfg.max_steps, f"{self.name} ({k} {what})", show)
+            outcome = self._optimise(model, data, init, targets, bar)
+        else:
+            bar = progress_bar(cfg.max_steps * k, f"{self.name} ({k} {what}, one by one)", show)
+            outcome = Outcome.cat([
+                self._optimise(model, data.select(torch.tensor([i], device=device)),
+                               {name: p[i:i + 1] for name, p in init.items()}, targets[i:i + 1], bar)
+                for i in range(k)])
+        bar.close()
+        return self._finish(model, data, targets, sources, outcome, seed)
+
+    def _optimise(self, model, data: RowImages, init, targets, bar) -> Outcome:
+        """Run the optimisation of all rows of `init` together (rows drop out
+        when they stop early)."""
+        cfg = self.config
+        device = targets.device
+        k = targets.shape[0]
+        params = {name: p.clone().requires_grad_(True) for name, p in init.items()}
         optimizer = torch.optim.Adam(params.values(), lr=cfg.lr, betas=tuple(cfg.betas))
         schedule = CostSchedule(k, cfg.init_cost, cfg.asr_threshold, cfg.patience, cfg.cost_up,
                                 cfg.cost_down, cfg.cost_start_at_zero, device)
-        best = BestTracker(k, device)
-        last_trigger: dict[str, torch.Tensor] = {}
+        best = BestTracker(k, device, self.best_criteria)
+        last: dict[str, torch.Tensor] = {}
         stale = torch.zeros(k, dtype=torch.long, device=device)
-        early_best = torch.full((k,), math.inf, device=device)
         steps = torch.zeros(k, dtype=torch.long, device=device)
         stopped_early = torch.zeros(k, dtype=torch.bool, device=device)
         active = torch.ones(k, dtype=torch.bool, device=device)
-        bar = progress_bar(cfg.max_steps, f"{self.name} ({k} classes)", show)
         for step in range(cfg.max_steps):
             rows = active.nonzero().flatten()
             if rows.numel() == 0:
                 break
             hits = torch.zeros(rows.numel(), device=device)
-            for x in image_batches(images, cfg.batch_size):
+            for chunks in data.batches(rows, cfg.batch_size, cfg.max_batch_images):
                 optimizer.zero_grad(set_to_none=True)
-                active_params = {name: p[rows] for name, p in params.items()}
-                loss, batch_hits = self._batch_loss(model, active_params, x, targets[rows],
-                                                    schedule.cost[rows])
-                loss.sum().backward()
+                for sl, batch in chunks:
+                    chunk = rows[sl]
+                    loss, batch_hits = self._batch_loss(model, slice_rows(params, chunk), batch,
+                                                        targets[chunk], schedule.cost[chunk])
+                    loss.sum().backward()
+                    hits[sl] += batch_hits.detach()
                 optimizer.step()
-                hits += batch_hits.detach()
-            self._after_step(params, rows)
-            asr = hits / images.shape[0]
+            asr = hits / data.count(rows)
             with torch.no_grad():
-                trigger = self._trigger({name: p[rows] for name, p in params.items()})
-                size = self._size(trigger)
-            for key, value in trigger.items():
-                last_trigger.setdefault(key, torch.zeros((k, *value.shape[1:]), device=device))
-                last_trigger[key][rows] = value
-            best.update(rows, step, size, asr, trigger, asr >= cfg.asr_threshold)
+                current = slice_rows(params, rows)
+                trigger = self._trigger(current)
+                key = self._best_key(current, trigger)
+            for name, value in trigger.items():
+                last.setdefault(name, torch.zeros((k, *value.shape[1:]), dtype=value.dtype,
+                                                  device=device))
+                last[name][rows] = value
+            better = best.update(rows, step, key, asr, trigger, asr >= cfg.asr_threshold)
+            if bool(better.any()):
+                with torch.no_grad():
+                    self._adopt(params, rows[better], slice_rows(trigger, better))
             schedule.update(rows, asr)
             steps[rows] += 1
             if cfg.early_stop_patience is not None:
-                improved = best.size[rows] < early_best[rows]
-                stale[rows] = torch.where(improved | ~best.found[rows], 0, stale[rows] + 1)
-                early_best[rows] = torch.minimum(early_best[rows], best.size[rows])
+                stale[rows] = torch.where(better | ~best.found[rows], 0, stale[rows] + 1)
                 done = schedule.went_up[rows] & schedule.went_down[rows] & (
                     stale[rows] >= cfg.early_stop_patience)
                 stopped_early[rows[done]] = True
                 active[rows[done]] = False
             bar.update(1)
             bar.set_postfix(active=int(active.sum()), found=int(best.found.sum()))
-        bar.close()
-        return self._finish(model, images, classes, targets, best, last_trigger, steps,
-                            stopped_early, seed)
+        return Outcome(best, last, steps, stopped_early)
 
-    def _finish(self, model, images, classes, targets, best, last_trigger, steps, stopped_early,
-                seed) -> ScanResult:
+    def _evaluate(self, model, data: RowImages, k: int, count) -> torch.Tensor:
+        """Per-row fraction over the row's images: the sum over all mini-batches
+        of count(sl, batch) -> [r], divided by the row's number of images."""
+        rows = torch.arange(k, device=data.images.device)
+        total = torch.zeros(k, device=data.images.device)
+        with torch.no_grad():
+            for chunks in data.batches(rows, self.config.batch_size, self.config.max_batch_images):
+                for sl, batch in chunks:
+                    total[sl] += count(sl, batch)
+        return total / data.count(rows)
+
+    def _finish(self, model, data, targets, sources, outcome: Outcome, seed) -> ScanResult:
+        best = outcome.best
         found = best.found
         kept = {key: torch.where(found.view(-1, *[1] * (value.dim() - 1)), best.trigger[key], value)
-                if key in best.trigger else value for key, value in last_trigger.items()}
+                if key in best.trigger else value for key, value in outcome.last.items()}
+        asr = self._evaluate(model, data, targets.shape[0], lambda sl, batch: self._success(
+            model, slice_rows(kept, sl), batch, targets[sl]))
         with torch.no_grad():
-            statistic = self._statistic(kept)
-            asr = self._success(model, kept, images, targets)
-        per_class = []
-        for i, cls in enumerate(classes):
-            reason = "early_stop" if bool(stopped_early[i]) else "max_steps"
+            statistic = self._statistic(model, data, kept, targets, asr)
+        per_row = []
+        for i in range(targets.shape[0]):
+            reason = "early_stop" if bool(outcome.stopped_early[i]) else "max_steps"
             if not bool(found[i]):
                 reason += "; never reached the success threshold (last trigger reported)"
-            per_class.append(ClassResult(
-                target=cls, statistic=float(statistic[i]), asr=float(asr[i]),
-                converged=bool(found[i]), steps=int(steps[i]), stop_reason=reason,
+            per_row.append(ClassResult(
+                target=int(targets[i]), statistic=float(statistic[i]), asr=float(asr[i]),
+                converged=bool(found[i]), steps=int(outcome.steps[i]), stop_reason=reason,
+                source=None if sources is None else int(sources[i]),
                 trigger={key: value[i].detach().cpu() for key, value in kept.items()}))
-        flagged = mad_outliers([c.statistic for c in per_class], self.config.anomaly_threshold,
-                               self.anomaly_side, eligible=[c.converged for c in per_class])
-        index = mad_anomaly_index([c.statistic for c in per_class]).tolist()
-        anomaly = Anomaly(kind="mad", values=index, threshold=self.config.anomaly_threshold,
-                          side=self.anomaly_side)
-        return ScanResult(method=self.name, backdoored=bool(flagged),
-                          targets=[classes[i] for i in flagged], per_class=per_class,
-                          anomaly=anomaly, config=self.get_params(), seed=seed, elapsed_s=0.0)
+        statistics = [c.statistic for c in per_row]
+        flagged = mad_outliers(statistics, self.config.anomaly_threshold, self.anomaly_side,
+                               eligible=[c.converged for c in per_row])
+        anomaly = Anomaly(kind="mad", values=mad_anomaly_index(statistics).tolist(),
+                          threshold=self.config.anomaly_threshold, side=self.anomaly_side)
+        flagged_targets = list(dict.fromkeys(per_row[i].target for i in flagged))
+        result = ScanResult(method=self.name, backdoored=bool(flagged), targets=flagged_targets,
+                            per_class=per_row, anomaly=anomaly, config=self.get_params(), seed=seed,
+                            elapsed_s=0.0)
+        if sources is not None:
+            result.anomaly.details["flagged_pairs"] = [[per_row[i].source, per_row[i].target]
+                                                       for i in flagged]
+        return result

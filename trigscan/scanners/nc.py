@@ -9,36 +9,17 @@ low side) is flagged as infected.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..reference import squash
 from . import register
-from .base import TriggerOptimizer, image_batches
+from .base import TriggerOptimizer, stamped_logits, target_ce, target_hits
 
 
 def atanh_init(shape, generator) -> torch.Tensor:
     """Unconstrained variable whose g() is uniform in (0, 1), as the official code."""
     u = torch.rand(shape, generator=generator)
     return torch.atanh((2 * u - 1) * (1 - 1e-6))
-
-
-def stamped_logits(model, x, mask, pattern) -> torch.Tensor:
-    """Logits [K, B, classes] of every active class's trigger on every image."""
-    stamped = ops.stamp(x, mask, pattern)  # [K, B, C, H, W]
-    k, b = stamped.shape[:2]
-    return model(stamped.reshape(k * b, *stamped.shape[2:])).view(k, b, -1)
-
-
-def target_ce(logits, targets) -> torch.Tensor:
-    """Mean cross-entropy per class row: logits [K, B, classes] -> [K]."""
-    k, b, n = logits.shape
-    return F.cross_entropy(logits.reshape(k * b, n), targets.repeat_interleave(b),
-                           reduction="none").view(k, b).mean(dim=1)
-
-
-def target_hits(logits, targets) -> torch.Tensor:
-    return (logits.argmax(dim=2) == targets[:, None]).sum(dim=1).float()
 
 
 class MaskPatternOptimizer(TriggerOptimizer):
@@ -55,11 +36,11 @@ class MaskPatternOptimizer(TriggerOptimizer):
     def _size(self, trigger):
         return trigger["mask"].sum(dim=(1, 2, 3))
 
-    def _success(self, model, trigger, images, targets):
-        hits = torch.zeros(targets.shape[0], device=images.device)
-        for x in image_batches(images, self.config.batch_size):
-            hits += target_hits(stamped_logits(model, x, trigger["mask"], trigger["pattern"]), targets)
-        return hits / images.shape[0]
+    def _logits(self, model, trigger, x):
+        return stamped_logits(model, ops.stamp, x, trigger["mask"], trigger["pattern"])
+
+    def _success(self, model, trigger, batch, targets):
+        return target_hits(self._logits(model, trigger, batch.x), targets, batch.weight)
 
 
 @register("nc")
@@ -70,8 +51,8 @@ class NeuralCleanse(MaskPatternOptimizer):
     early_stop_patience 25, max_steps 1000 (a step is a pass over the images),
     anomaly_threshold 2 (MAD, low side)."""
 
-    def _batch_loss(self, model, params, x, targets, cost):
+    def _batch_loss(self, model, params, batch, targets, cost):
         trigger = self._trigger(params)
-        logits = stamped_logits(model, x, trigger["mask"], trigger["pattern"])
+        logits = self._logits(model, trigger, batch.x)
         loss = target_ce(logits, targets) + cost * self._size(trigger)
-        return loss, target_hits(logits, targets)
+        return loss, target_hits(logits, targets, batch.weight)
