@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from trigscan.detect import mad_anomaly_index, mad_outliers, true_median
+from trigscan.detect import gamma_order_pvalue, mad_anomaly_index, mad_outliers, true_median
 
 
 def test_true_median_averages_the_two_middle_values():
@@ -59,3 +59,37 @@ def test_bad_statistics_are_rejected(bad):
 def test_bad_side_is_rejected():
     with pytest.raises(ValueError, match="side"):
         mad_outliers([1.0, 2.0, 3.0], side="left")
+
+
+def test_gamma_pvalue_follows_the_order_statistic_formula():
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    r = rng.gamma(4.0, 0.5, size=10)
+    r[6] = 20.0
+    out = gamma_order_pvalue(r)
+    null = np.delete(r, 6)
+    a, _, scale = stats.gamma.fit(null, floc=0)
+    assert out["index"] == 6
+    assert out["p_value"] == pytest.approx(1 - stats.gamma.cdf(20.0, a, scale=scale) ** 10, rel=1e-6)
+    assert out["p_value"] < 0.05
+
+
+def test_gamma_pvalue_of_an_unremarkable_maximum_is_large():
+    r = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98, 1.08, 0.93]
+    assert gamma_order_pvalue(r)["p_value"] > 0.05
+    # ... and it shrinks as the maximum moves away from the rest
+    assert gamma_order_pvalue(r[:-1] + [1.3])["p_value"] < gamma_order_pvalue(r)["p_value"]
+
+
+def test_gamma_pvalue_underflow_is_zero_not_nan():
+    r = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98, 1e6])
+    out = gamma_order_pvalue(r)
+    assert out["p_value"] == 0.0
+
+
+def test_gamma_pvalue_with_degenerate_null_is_defined():
+    assert gamma_order_pvalue([2.0, 2.0, 2.0, 2.0])["p_value"] == 1.0
+    assert gamma_order_pvalue([2.0, 2.0, 2.0, 5.0])["p_value"] == 0.0
+    with pytest.raises(ValueError, match="statistics"):
+        gamma_order_pvalue([1.0, -1.0, 2.0])

@@ -58,3 +58,32 @@ def mad_outliers(values, threshold: float = 2.0, side: str = "low", eligible=Non
     if eligible is not None:
         flagged &= np.asarray(eligible, dtype=bool)
     return [int(i) for i in np.flatnonzero(flagged)]
+
+
+def gamma_order_pvalue(statistics) -> dict:
+    """L-RED's test: fit a Gamma null (location 0) to every statistic but the
+    largest, and return the order-statistic p-value of the largest,
+    pv = 1 - G(r_max)^K with K the number of statistics.
+
+    Returns {"p_value", "index" (of r_max), "shape", "scale"}. Computed in log
+    space, so a p-value below double precision is reported as 0, never NaN.
+    Degenerate nulls (all equal) give pv = 1 when r_max equals them and 0 when
+    it exceeds them.
+    """
+    from scipy import stats
+
+    r = np.asarray(statistics, dtype=np.float64)
+    if r.ndim != 1 or r.size < 3:
+        raise ValueError(f"statistics: need a 1-D array of at least 3 values, got shape {r.shape}")
+    if not np.all(np.isfinite(r)) or np.any(r <= 0):
+        raise ValueError("statistics: must be finite and > 0")
+    top = int(np.argmax(r))
+    null = np.delete(r, top)
+    if np.ptp(null) == 0:
+        return {"p_value": 1.0 if r[top] == null[0] else 0.0, "index": top,
+                "shape": math.inf, "scale": 0.0}
+    shape, _, scale = stats.gamma.fit(null, floc=0)
+    log_cdf = float(stats.gamma.logcdf(r[top], shape, loc=0, scale=scale))
+    p_value = float(-np.expm1(r.size * log_cdf))
+    return {"p_value": max(0.0, p_value), "index": top, "shape": float(shape),
+            "scale": float(scale)}
