@@ -289,19 +289,16 @@ int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
 }
 
-// Accumulator block of the backward reductions: 128 bytes of T (two zmm).
-template <typename T>
-constexpr int64_t kBlock = 128 / static_cast<int64_t>(sizeof(T));
+// Spatial chunk of the backward kernels: each task owns whole chunks of pixels
+// (all t, n, c of them), about four per thread so both threads stay busy and a
+// chunk's slice of x and grad_x stays in L2; rows of a chunk are read
+// contiguously and the per-pixel accumulators live in L1.
+constexpr int64_t kMaxChunk = 1024;
 
-// Spatial chunk of the backward kernels: a multiple of the accumulator block,
-// about four chunks per thread (so both threads stay busy and each chunk's
-// images stay in L2), at most 1024 pixels.
-template <typename T>
 int64_t spatial_chunk(int64_t HW) {
   const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
   const int64_t per = (HW + want - 1) / want;
-  const int64_t b = kBlock<T>;
-  return std::clamp<int64_t>((per + b - 1) / b * b, b, 1024);
+  return std::clamp<int64_t>((per + 63) / 64 * 64, 64, kMaxChunk);
 }
 
 // Index of the mask element covering channel c (mask broadcast when Cm == 1).
@@ -370,8 +367,7 @@ struct CpuBackend {
   template <typename T>
   static void stamp_backward(const T* grad, const T* x, const T* mask, const T* pattern,
                              T* grad_x, T* grad_mask, T* grad_pattern, StampShape s) {
-    constexpr int64_t B = kBlock<T>;
-    const int64_t chunk = spatial_chunk<T>(s.HW);
+    const int64_t chunk = spatial_chunk(s.HW);
     const int64_t chunks = (s.HW + chunk - 1) / chunk;
     parallel(0, chunks, 1, [&](int64_t begin, int64_t end, auto) {
       for (int64_t ch = begin; ch < end; ++ch) {
@@ -380,61 +376,40 @@ struct CpuBackend {
           for (int64_t c = 0; c < s.C; ++c)
             std::fill(grad_x + (n * s.C + c) * s.HW + lo, grad_x + (n * s.C + c) * s.HW + hi,
                       T(0));
-        for (int64_t t = 0; t < s.T; ++t) {
-          for (int64_t ib = lo; ib < hi; ib += B) {
-            const int64_t len = std::min(B, hi - ib);
-            if (len == B)
-              stamp_backward_block<T, B>(B, ib, t, grad, x, mask, pattern, grad_x, grad_mask,
-                                         grad_pattern, s);
-            else
-              stamp_backward_block<T, B>(len, ib, t, grad, x, mask, pattern, grad_x, grad_mask,
-                                         grad_pattern, s);
-          }
-        }
+        alignas(64) T acc_m[kMaxChunk], acc_p[kMaxChunk];
+        for (int64_t t = 0; t < s.T; ++t)
+          stamp_backward_rows<T>(lo, hi, t, grad, x, mask, pattern, grad_x, grad_mask,
+                                 grad_pattern, s, acc_m, acc_p);
       }
     });
   }
 
-  // Pixels ib .. ib+len-1 (len <= B) of trigger t: accumulators in registers
-  // while walking the images.
-  template <typename T, int64_t B>
-  static inline __attribute__((always_inline)) void stamp_backward_block(
-      int64_t len, int64_t ib, int64_t t, const T* grad, const T* x, const T* mask,
-      const T* pattern, T* grad_x, T* grad_mask, T* grad_pattern, const StampShape& s) {
-    T acc_m[B] = {}, acc_p[B], m[B], one_minus_m[B], p[B], g[B], xv[B];
+  // Pixels lo .. hi-1 of trigger t; accumulators acc_m, acc_p of hi - lo pixels.
+  template <typename T>
+  static inline __attribute__((always_inline)) void stamp_backward_rows(
+      int64_t lo, int64_t hi, int64_t t, const T* grad, const T* x, const T* mask,
+      const T* pattern, T* grad_x, T* grad_mask, T* grad_pattern, const StampShape& s,
+      T* acc_m, T* acc_p) {
+    const int64_t len = hi - lo;
     for (int64_t c = 0; c < s.C; ++c) {
-      const bool first_of_mask = s.Cm != 1 || c == 0;
-      if (first_of_mask)
-        for (int64_t i = 0; i < B; ++i) acc_m[i] = T(0);
-      for (int64_t i = 0; i < B; ++i) acc_p[i] = T(0);
-      const T* mr = mask + (t * s.Cm + mask_channel(s, c)) * s.HW + ib;
-      const T* pr = pattern + (t * s.C + c) * s.HW + ib;
-      for (int64_t i = 0; i < len; ++i) {
-        m[i] = mr[i];
-        one_minus_m[i] = T(1) - mr[i];
-        p[i] = pr[i];
-      }
+      if (s.Cm != 1 || c == 0) std::fill_n(acc_m, len, T(0));
+      std::fill_n(acc_p, len, T(0));
+      const T* mr = mask + (t * s.Cm + mask_channel(s, c)) * s.HW + lo;
+      const T* pr = pattern + (t * s.C + c) * s.HW + lo;
       for (int64_t n = 0; n < s.N; ++n) {
-        const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + ib;
-        const T* xr = x + (n * s.C + c) * s.HW + ib;
-        T* gxr = grad_x + (n * s.C + c) * s.HW + ib;
+        const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
+        const T* xr = x + (n * s.C + c) * s.HW + lo;
+        T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
         for (int64_t i = 0; i < len; ++i) {
-          g[i] = gr[i];
-          xv[i] = xr[i];
+          const T g = gr[i];
+          acc_m[i] += g * (pr[i] - xr[i]);
+          acc_p[i] += g * mr[i];
+          gxr[i] += g * (T(1) - mr[i]);
         }
-        for (int64_t i = 0; i < len; ++i) {
-          acc_m[i] += g[i] * (p[i] - xv[i]);
-          acc_p[i] += g[i] * m[i];
-        }
-        for (int64_t i = 0; i < len; ++i) gxr[i] += g[i] * one_minus_m[i];
       }
-      T* gp = grad_pattern + (t * s.C + c) * s.HW + ib;
-      for (int64_t i = 0; i < len; ++i) gp[i] = acc_p[i];
-      const bool last_of_mask = s.Cm != 1 || c == s.C - 1;
-      if (last_of_mask) {
-        T* gm = grad_mask + (t * s.Cm + mask_channel(s, c)) * s.HW + ib;
-        for (int64_t i = 0; i < len; ++i) gm[i] = acc_m[i];
-      }
+      std::copy_n(acc_p, len, grad_pattern + (t * s.C + c) * s.HW + lo);
+      if (s.Cm != 1 || c == s.C - 1)
+        std::copy_n(acc_m, len, grad_mask + (t * s.Cm + mask_channel(s, c)) * s.HW + lo);
     }
   }
 
@@ -605,62 +580,42 @@ struct CpuBackend {
   static void pixel_stamp_backward(const T* grad, const T* x, const T* b_p, const T* b_n,
                                    T* grad_x, T* grad_p, T* grad_n, StampShape s, T maxp,
                                    bool use_tanh) {
-    constexpr int64_t B = kBlock<T>;
-    const int64_t chunk = spatial_chunk<T>(s.HW);
+    const int64_t chunk = spatial_chunk(s.HW);
     const int64_t chunks = (s.HW + chunk - 1) / chunk;
     parallel(0, chunks, 1, [&](int64_t begin, int64_t end, auto) {
+      alignas(64) T pp[kMaxChunk], pn[kMaxChunk], acc[kMaxChunk];
       for (int64_t ch = begin; ch < end; ++ch) {
-        const int64_t lo = ch * chunk, hi = std::min(s.HW, lo + chunk);
+        const int64_t lo = ch * chunk, len = std::min(s.HW, lo + chunk) - lo;
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = 0; c < s.C; ++c)
-            std::fill(grad_x + (n * s.C + c) * s.HW + lo, grad_x + (n * s.C + c) * s.HW + hi,
-                      T(0));
+            std::fill_n(grad_x + (n * s.C + c) * s.HW + lo, len, T(0));
         for (int64_t t = 0; t < s.T; ++t) {
-          for (int64_t ib = lo; ib < hi; ib += B) {
-            const int64_t len = std::min(B, hi - ib);
-            if (len == B)
-              pixel_backward_block<T, B>(B, ib, t, grad, x, b_p, b_n, grad_x, grad_p, grad_n, s,
-                                         maxp, use_tanh);
-            else
-              pixel_backward_block<T, B>(len, ib, t, grad, x, b_p, b_n, grad_x, grad_p, grad_n,
-                                         s, maxp, use_tanh);
+          for (int64_t c = 0; c < s.C; ++c) {
+            const int64_t base = (t * s.C + c) * s.HW + lo;
+            for (int64_t i = 0; i < len; ++i) {
+              pp[i] = pixel_perturbation(b_p[base + i], maxp, use_tanh);
+              pn[i] = pixel_perturbation(b_n[base + i], maxp, use_tanh);
+            }
+            std::fill_n(acc, len, T(0));
+            for (int64_t n = 0; n < s.N; ++n) {
+              const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
+              const T* xr = x + (n * s.C + c) * s.HW + lo;
+              T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
+              for (int64_t i = 0; i < len; ++i) {
+                const T passed =
+                    within(pixel_unclipped(xr[i], pp[i], pn[i]), T(0), maxp) ? gr[i] : T(0);
+                acc[i] += passed;
+                gxr[i] += passed;
+              }
+            }
+            for (int64_t i = 0; i < len; ++i) {
+              grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, use_tanh);
+              grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, use_tanh);
+            }
           }
         }
       }
     });
-  }
-
-  template <typename T, int64_t B>
-  static inline __attribute__((always_inline)) void pixel_backward_block(
-      int64_t len, int64_t ib, int64_t t, const T* grad, const T* x, const T* b_p, const T* b_n,
-      T* grad_x, T* grad_p, T* grad_n, const StampShape& s, T maxp, bool use_tanh) {
-    T pp[B], pn[B], acc[B], g[B], xv[B], passed[B];
-    for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t base = (t * s.C + c) * s.HW + ib;
-      for (int64_t i = 0; i < len; ++i) {
-        pp[i] = pixel_perturbation(b_p[base + i], maxp, use_tanh);
-        pn[i] = pixel_perturbation(b_n[base + i], maxp, use_tanh);
-      }
-      for (int64_t i = 0; i < B; ++i) acc[i] = T(0);
-      for (int64_t n = 0; n < s.N; ++n) {
-        const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + ib;
-        const T* xr = x + (n * s.C + c) * s.HW + ib;
-        T* gxr = grad_x + (n * s.C + c) * s.HW + ib;
-        for (int64_t i = 0; i < len; ++i) {
-          g[i] = gr[i];
-          xv[i] = xr[i];
-        }
-        for (int64_t i = 0; i < len; ++i) {
-          passed[i] = within(pixel_unclipped(xv[i], pp[i], pn[i]), T(0), maxp) ? g[i] : T(0);
-          acc[i] += passed[i];
-        }
-        for (int64_t i = 0; i < len; ++i) gxr[i] += passed[i];
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, use_tanh);
-        grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, use_tanh);
-      }
-    }
   }
 
   // sum over pixels of max over channels of g(b / gamma), for b_p and b_n.
