@@ -136,13 +136,19 @@ class Scanner:
 # Vectorised pieces of the optimisation loop
 # ---------------------------------------------------------------------------
 class CostSchedule:
-    """Neural Cleanse's dynamic cost, one independent schedule per class.
+    """Neural Cleanse's dynamic cost, one independent schedule per class,
+    following the official code's order of operations step by step.
 
-    After each step (a pass over the images) with success rate `asr`: if
-    asr >= threshold for `patience` consecutive steps the cost is multiplied by
-    `up`; if below for `patience` steps it is divided by `down`. With
-    start_at_zero the cost is 0 until asr >= threshold has held for `patience`
-    steps, then it becomes `init`.
+    After each step (a pass over the images) with success rate `asr`:
+    1. with start_at_zero, while the cost is 0: count consecutive steps with
+       asr >= threshold; at `patience` the cost becomes `init` and the up/down
+       counters and the went_up/went_down flags are cleared;
+    2. count consecutive successes (asr >= threshold) and failures; the step
+       that set the cost counts as the first success;
+    3. `patience` consecutive successes multiply the cost by `up`, else
+       `patience` consecutive failures divide it by `down` (the counter that
+       fired restarts at 0; went_up / went_down record that it happened).
+    Without start_at_zero the cost starts at `init` (PixelBackdoor's rule).
     """
 
     def __init__(self, k: int, init: float, threshold: float, patience: int, up: float,
@@ -158,23 +164,21 @@ class CostSchedule:
     def update(self, rows: torch.Tensor, asr: torch.Tensor) -> None:
         ok = asr >= self.threshold
         cost = self.cost[rows]
-        unset = cost == 0
-        set_counter = torch.where(unset & ok, self.set_counter[rows] + 1, 0)
+        set_counter = torch.where((cost == 0) & ok, self.set_counter[rows] + 1, 0)
         now_set = set_counter >= self.patience
         cost = torch.where(now_set, torch.full_like(cost, self.init), cost)
         set_counter = torch.where(now_set, 0, set_counter)
-        up = torch.where(ok & ~now_set, self.up_counter[rows] + 1, 0)
-        down = torch.where(~ok & ~now_set, self.down_counter[rows] + 1, 0)
-        went_up = self.went_up[rows] & ~now_set
-        went_down = self.went_down[rows] & ~now_set
-        raise_cost, lower_cost = up >= self.patience, (down >= self.patience) & ~(up >= self.patience)
+        up = torch.where(ok, torch.where(now_set, 0, self.up_counter[rows]) + 1, 0)
+        down = torch.where(~ok, self.down_counter[rows] + 1, 0)
+        raise_cost = up >= self.patience
+        lower_cost = (down >= self.patience) & ~raise_cost
         cost = torch.where(raise_cost, cost * self.up, torch.where(lower_cost, cost / self.down, cost))
         self.cost[rows] = cost
         self.set_counter[rows] = set_counter
         self.up_counter[rows] = torch.where(raise_cost, 0, up)
         self.down_counter[rows] = torch.where(lower_cost, 0, down)
-        self.went_up[rows] = went_up | raise_cost
-        self.went_down[rows] = went_down | lower_cost
+        self.went_up[rows] = (self.went_up[rows] & ~now_set) | raise_cost
+        self.went_down[rows] = (self.went_down[rows] & ~now_set) | lower_cost
 
 
 class BestTracker:
@@ -539,14 +543,15 @@ class TriggerOptimizer(Scanner):
             if bool(better.any()):
                 with torch.no_grad():
                     self._adopt(params, rows[better], slice_rows(trigger, better))
-            schedule.update(rows, asr)
             steps[rows] += 1
             if cfg.early_stop_patience is not None:
+                # as the official NC code: checked before this step's cost update
                 stale[rows] = torch.where(better | ~best.found[rows], 0, stale[rows] + 1)
                 done = schedule.went_up[rows] & schedule.went_down[rows] & (
                     stale[rows] >= cfg.early_stop_patience)
                 stopped_early[rows[done]] = True
                 active[rows[done]] = False
+            schedule.update(rows, asr)
             bar.update(1)
             bar.set_postfix(active=int(active.sum()), found=int(best.found.sum()))
         return Outcome(best, last, steps, stopped_early)
