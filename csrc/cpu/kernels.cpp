@@ -331,6 +331,24 @@ inline void normals_from_words(const uint32_t* words, float* z, int64_t n) {
   for (int64_t q = 0; q < n; q += 2) box_muller(words[q], words[q + 1], z[q], z[q + 1]);
 }
 
+// P(b_p), P(b_n) of n elements (loops unswitched on use_tanh so that the clip
+// branch vectorises).
+template <typename T>
+inline void perturbations(const T* b_p, const T* b_n, T* pp, T* pn, int64_t n, T maxp,
+                          bool use_tanh) {
+  if (use_tanh) {
+    for (int64_t i = 0; i < n; ++i) {
+      pp[i] = pixel_perturbation(b_p[i], maxp, true);
+      pn[i] = pixel_perturbation(b_n[i], maxp, true);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      pp[i] = pixel_perturbation(b_p[i], maxp, false);
+      pn[i] = pixel_perturbation(b_n[i], maxp, false);
+    }
+  }
+}
+
 struct NoGuard {
   explicit NoGuard(const at::Tensor&) {}
 };
@@ -556,10 +574,8 @@ struct CpuBackend {
       std::vector<T> pp(s.HW), pn(s.HW);
       for (int64_t tc = begin; tc < end; ++tc) {
         const int64_t t = tc / s.C, c = tc % s.C;
-        for (int64_t i = 0; i < s.HW; ++i) {
-          pp[i] = pixel_perturbation(b_p[tc * s.HW + i], maxp, use_tanh);
-          pn[i] = pixel_perturbation(b_n[tc * s.HW + i], maxp, use_tanh);
-        }
+        perturbations(b_p + tc * s.HW, b_n + tc * s.HW, pp.data(), pn.data(), s.HW, maxp,
+                      use_tanh);
         const T* ppr = pp.data();
         const T* pnr = pn.data();
         for (int64_t n = 0; n < s.N; ++n) {
@@ -592,10 +608,7 @@ struct CpuBackend {
         for (int64_t t = 0; t < s.T; ++t) {
           for (int64_t c = 0; c < s.C; ++c) {
             const int64_t base = (t * s.C + c) * s.HW + lo;
-            for (int64_t i = 0; i < len; ++i) {
-              pp[i] = pixel_perturbation(b_p[base + i], maxp, use_tanh);
-              pn[i] = pixel_perturbation(b_n[base + i], maxp, use_tanh);
-            }
+            perturbations(b_p + base, b_n + base, pp, pn, len, maxp, use_tanh);
             std::fill_n(acc, len, T(0));
             for (int64_t n = 0; n < s.N; ++n) {
               const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
@@ -608,9 +621,17 @@ struct CpuBackend {
                 gxr[i] += passed;
               }
             }
-            for (int64_t i = 0; i < len; ++i) {
-              grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, use_tanh);
-              grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, use_tanh);
+            // (loops unswitched on use_tanh so that the clip branch vectorises)
+            if (use_tanh) {
+              for (int64_t i = 0; i < len; ++i) {
+                grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, true);
+                grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, true);
+              }
+            } else {
+              for (int64_t i = 0; i < len; ++i) {
+                grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, false);
+                grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, false);
+              }
             }
           }
         }
