@@ -15,13 +15,17 @@
 //   runs independent elements side by side -- every reduction keeps its order.
 // * Random words are drawn in separate loops (Philox vectorises across blocks);
 //   the Bernoulli / Box-Muller / squash math then runs on them element-wise.
-// * Backward reductions keep a block of accumulators in registers while
-//   walking the images, and each task owns a spatial chunk that stays in L2.
+// * Backward reductions: each task owns a spatial chunk (all t, n, c of a range
+//   of pixels; x and grad_x of the chunk stay in L2) and sweeps contiguous rows
+//   of it with the per-pixel accumulators in L1.
 // * Outputs larger than twice the last-level cache (the NES query batch: tens to
-//   hundreds of MiB) are advised to use transparent huge pages (one fault per
-//   2 MiB instead of per 4 KiB -- on a VM a 4 KiB fault costs ~microseconds) and
-//   are written with non-temporal stores (no read-for-ownership of lines that
-//   are about to be overwritten). TRIGSCAN_CPU_STREAM=0|1 forces either off/on.
+//   hundreds of MiB) are advised to use transparent huge pages before their first
+//   touch: one fault per 2 MiB instead of per 4 KiB (on this project's VMs a
+//   4 KiB fault costs ~3 us, more than writing the page). They are also written
+//   with non-temporal stores, which saves the read-for-ownership when the memory
+//   is reused rather than freshly mapped. TRIGSCAN_CPU_HUGEPAGES=0 and
+//   TRIGSCAN_CPU_STREAM=0|1 switch these off (or streaming always on) for
+//   experiments; none of it changes a value.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -72,7 +76,13 @@ struct IsaTag {
 #endif
 #define TS_AVX2 __attribute__((target("avx2,fma"), flatten))
 #endif
+#if defined(__GNUC__) || defined(__clang__)
 #define TS_FLATTEN __attribute__((flatten))
+#define TS_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define TS_FLATTEN
+#define TS_ALWAYS_INLINE inline
+#endif
 
 Isa detect_isa() {
   Isa isa = Isa::kBase;
@@ -404,7 +414,7 @@ struct CpuBackend {
 
   // Pixels lo .. hi-1 of trigger t; accumulators acc_m, acc_p of hi - lo pixels.
   template <typename T>
-  static inline __attribute__((always_inline)) void stamp_backward_rows(
+  static TS_ALWAYS_INLINE void stamp_backward_rows(
       int64_t lo, int64_t hi, int64_t t, const T* grad, const T* x, const T* mask,
       const T* pattern, T* grad_x, T* grad_mask, T* grad_pattern, const StampShape& s,
       T* acc_m, T* acc_p) {
