@@ -48,3 +48,16 @@ def test_agree_nes():
     torch.testing.assert_close(b_gp, gp, rtol=1e-4, atol=1e-4)
     for v in ("naive", "best", "best_prealloc"):  # shapes of the random-stream variants
         assert [t.shape for t in getattr(c, v)()] == [out.shape, gm.shape, gp.shape]
+
+
+@pytest.mark.parametrize("variant", ["prealloc_fill", "fresh_fill"])
+def bench_nes_write_floor(bench, case, variant):
+    """What writing the query batch alone costs: fill_ into the reused buffer
+    (floor of best_prealloc) or into a fresh torch.empty (4 KiB page faults)."""
+    bench.benchmark.group = f"nes output write floor {case.name}"
+    if variant == "prealloc_fill":
+        buf = torch.empty(case.out_shape).fill_(0)
+        fn = lambda: buf.fill_(1.0)  # noqa: E731
+    else:
+        fn = lambda: torch.empty(case.out_shape).fill_(1.0)  # noqa: E731
+    bench(fn, rounds=15, warmup=1, out_bytes=case.out_bytes())
