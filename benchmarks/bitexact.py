@@ -2,6 +2,9 @@
 
     python benchmarks/bitexact.py save  /tmp/golden.pt   # with the old kernels
     python benchmarks/bitexact.py check /tmp/golden.pt   # with the new kernels
+    python benchmarks/bitexact.py check-all /tmp/golden.pt
+        # check under every CPU clone (TRIGSCAN_CPU_ISA=base|avx2|avx512) with
+        # non-temporal stores forced on and off (TRIGSCAN_CPU_STREAM=1|0)
 
 Runs every CPU op (forward and backward entry points) on a fixed set of
 random inputs -- odd sizes, broadcast and per-channel masks, float32 and
@@ -109,7 +112,25 @@ def run_all():
     return results
 
 
+def check_all(path):
+    import os
+    import subprocess
+
+    failed = []
+    for isa in ("base", "avx2", "avx512"):
+        for stream in ("0", "1"):
+            env = dict(os.environ, TRIGSCAN_CPU_ISA=isa, TRIGSCAN_CPU_STREAM=stream)
+            print(f"TRIGSCAN_CPU_ISA={isa} TRIGSCAN_CPU_STREAM={stream}: ", end="", flush=True)
+            if subprocess.run([sys.executable, __file__, "check", path], env=env).returncode:
+                failed.append((isa, stream))
+    if failed:
+        raise SystemExit(f"differences under {failed}")
+
+
 def main(argv):
+    if len(argv) == 3 and argv[1] == "check-all":
+        check_all(argv[2])
+        return
     if len(argv) != 3 or argv[1] not in ("save", "check"):
         raise SystemExit(__doc__)
     results = run_all()
