@@ -59,6 +59,9 @@ def read_npz(path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    # without this check np.load would try to read any other file as a pickle
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
