@@ -231,6 +231,9 @@ def test_quick_zoo_layout_and_checks(quick_zoo):
         for f in ("model.pt", "model.onnx", "train.npz", "test.npz", "truth.json"):
             assert (root / name / f).is_file()
     assert json.loads((root / "zoo.json").read_text())["models"] == index["models"]
+    # each trigger on the clean models: close to their natural confusion, far from the backdoor's ASR
+    assert sorted(index["control_asr"]) == sorted(t["name"] for t in index["models"] if t["backdoored"])
+    assert all(0.0 <= v < 0.1 for v in index["control_asr"].values())
 
 
 @pytest.mark.slow

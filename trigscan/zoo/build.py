@@ -212,6 +212,34 @@ def reference_accuracy(truths: list[dict], t: dict) -> float | None:
     return sum(accs) / len(accs) if accs else None
 
 
+def control_asr(root: Path, truths: list[dict]) -> dict[str, float]:
+    """Each backdoor's trigger on the clean models of the same architecture and data:
+    the mean share of victims sent to the target (the lowest over the model's rules).
+    This is what "ASR" a model without the backdoor shows (near its natural confusion)."""
+    from .attacks import trigger_from_dict
+    from .evaluate import load_torchscript
+
+    clean: dict = {}
+    out = {}
+    for t in truths:
+        if not t["backdoored"]:
+            continue
+        key = (t["arch"], t["data"])
+        if key not in clean:
+            clean[key] = [load_torchscript(root / c["name"] / "model.pt") for c in truths
+                          if not c["backdoored"] and (c["arch"], c["data"]) == key]
+        if not clean[key]:
+            continue
+        xte, yte = load_data(t["data"], "test")
+        rates = []
+        for i, r in enumerate(t["rules"]):
+            trig = trigger_from_dict(r["test_trigger"] or r["trigger"])
+            rule = Rule(trig, r["target"], sources=r["sources"])
+            rates.append(sum(attack_success(m, xte, yte, rule, seed=i) for m in clean[key]) / len(clean[key]))
+        out[t["name"]] = min(rates)
+    return out
+
+
 def _build_in_worker(spec: ModelSpec, folder: str) -> dict:
     return build_model(spec, folder)
 
@@ -266,6 +294,7 @@ def build_zoo(directory, specs: list[ModelSpec], *, jobs: int = 1, force: bool =
     ordered = [truths[n] for n in names]
     index = {
         "models": ordered,
+        "control_asr": control_asr(root, ordered),
         "failures": check(ordered),
         "build_s": round(time.perf_counter() - start, 1),
         "model_build_s": round(sum(t["build_s"] for t in ordered if not t.get("reused")), 1),
@@ -291,10 +320,12 @@ def format_line(t: dict) -> str:
 def format_summary(index: dict) -> str:
     """The build table: accuracy, ASR and time per model, the checks, the total time."""
     models = index["models"]
-    lines = [f"{'model':<26} {'arch':<6} {'data':<12} {'attack':<16} {'targets':<7} {'acc':>6} {'ref':>6} {'ASR':>6} {'time':>6}  check"]
+    lines = [f"{'model':<26} {'arch':<6} {'data':<12} {'attack':<16} {'targets':<7} {'acc':>6} {'ref':>6} {'ASR':>6} {'ctrl':>6} {'time':>6}  check"]
     bad = set(f.split(":")[0] for f in index["failures"])
     for t in models:
         ref = reference_accuracy(models, t)
+        ctrl = index["control_asr"].get(t["name"])
+        ctrl = "-" if ctrl is None else f"{ctrl:.1%}"
         if t["backdoored"]:
             asr, ok = f"{t['asr']:.1%}", ("FAIL" if t["name"] in bad else "ok")
         else:
@@ -303,10 +334,11 @@ def format_summary(index: dict) -> str:
         ref = "-" if ref is None else f"{ref:.1%}"
         lines.append(
             f"{t['name']:<26} {t['arch']:<6} {t['data']:<12} {t['attack']:<16} {targets:<7} "
-            f"{t['clean_accuracy']:6.1%} {ref:>6} {asr:>6} {t['build_s']:5.1f}s  {ok}"
+            f"{t['clean_accuracy']:6.1%} {ref:>6} {asr:>6} {ctrl:>6} {t['build_s']:5.1f}s  {ok}"
         )
     n_bad = sum(t["backdoored"] for t in models)
-    lines.append("* clean models: the highest natural misclassification rate into one class. ref = mean accuracy of the clean models with the same arch and data.")
+    lines.append("ref: mean accuracy of the clean models with the same arch and data. ASR*: for a clean model, its highest\n"
+                 "natural misclassification rate into one class. ctrl: the backdoor's trigger on those clean models.")
     lines.append(f"{len(models) - n_bad} clean, {n_bad} backdoored; build {index['build_s']:.1f}s wall "
                  f"({index['model_build_s']:.1f}s summed over models built now), {index['jobs']} job(s), "
                  f"{index['cpu_count']} CPUs, 1 torch thread per model")

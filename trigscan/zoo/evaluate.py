@@ -9,6 +9,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,16 @@ def scan_inputs(folder: Path, needs_labels: bool, n_images: int, seed: int):
     return x[idx], y[idx]
 
 
+def load_torchscript(path) -> torch.jit.ScriptModule:
+    """A zoo model for white-box use (TorchScript, never a pickle), in eval mode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but is the format we ship
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
 def open_model(folder: Path, access: str, method: str):
     if access == "white":
-        return torch.jit.load(str(folder / "model.pt"), map_location="cpu").eval()
+        return load_torchscript(folder / "model.pt")
     if access == "black":
         import trigscan
 
