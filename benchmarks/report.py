@@ -57,13 +57,14 @@ def render(data, groups):
         out.append(f"CPU busy (other processes) just before each benchmark: max "
                    f"{100 * max(busy):.0f}%, median {100 * sorted(busy)[len(busy) // 2]:.0f}%.")
     out.append("")
-    out.append("| case | variant | median ms | IQR ms | rounds | variant / fused |")
-    out.append("|---|---|---:|---:|---:|---:|")
+    out.append("| case | variant | median ms | min ms | IQR ms | rounds | variant / fused "
+               "(medians) |")
+    out.append("|---|---|---:|---:|---:|---:|---:|")
     for group, benches in groups.items():
         fused = benches.get("fused")
         for variant, b in benches.items():
             ratio = f"{ms(b) / ms(fused):.2f}" if fused else ""
-            out.append(f"| {group} | {variant} | {ms(b):.3f} | "
+            out.append(f"| {group} | {variant} | {ms(b):.3f} | {b['stats']['min'] * 1e3:.3f} | "
                        f"{b['stats']['iqr'] * 1e3:.3f} | {b['stats']['rounds']} | {ratio} |")
     out.append("")
 
