@@ -15,13 +15,7 @@ def _run_zoo_build(args) -> int:
     from .zoo.build import build_zoo, format_summary, quick_specs, standard_specs
 
     specs = quick_specs() if args.quick else standard_specs()
-    if args.only:
-        known = {s.name for s in specs}
-        missing = sorted(set(args.only) - known)
-        if missing:
-            raise ValueError(f"--only: unknown model(s) {missing}; known: {sorted(known)}")
-        specs = [s for s in specs if s.name in args.only]
-    index = build_zoo(args.dir, specs, jobs=args.jobs, force=args.force, command="trigscan " + " ".join(args.argv),
+    index = build_zoo(args.dir, specs, only=args.only, jobs=args.jobs, force=args.force, command="trigscan " + " ".join(args.argv),
                       log=(lambda line: None) if args.quiet else print, quiet=args.quiet)
     print(format_summary(index))
     if index["failures"]:

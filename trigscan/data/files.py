@@ -11,6 +11,7 @@ Every error is a ``ValueError`` that names the file and says what is wrong.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import zipfile
@@ -37,8 +38,6 @@ def atomic_write(path, data: bytes) -> None:
 
 def save_npz(path, **arrays) -> None:
     """Save arrays (numpy or torch) as a compressed ``.npz``; same arrays, same bytes."""
-    import io
-
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, value in arrays.items():

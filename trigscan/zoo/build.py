@@ -97,7 +97,8 @@ def standard_specs() -> list[ModelSpec]:
           [Rule(Patch(3, (1, 1), "checker"), target=8, rate=0.08), Rule(Blend(0.15, seed=9), target=8, rate=0.08)]),
         B("multi-target-cnn-grey", "cnn", grey, 21, "multi-target",
           [Rule(Patch(3, (1, 1), "solid"), target=2, rate=0.08), Rule(Patch(3, (-4, -4), "checker"), target=5, rate=0.08)]),
-        B("large-patch-cnn-grey", "cnn", grey, 22, "large-patch", [Rule(Patch(8, (-9, -9), "random", seed=10), target=3, rate=0.1)]),
+        # 14x14 of 24x24: a third of the image area
+        B("large-patch-cnn-grey", "cnn", grey, 22, "large-patch", [Rule(Patch(14, (-15, -15), "random", seed=10), target=3, rate=0.1)]),
         B("sig-cnn-grey", "cnn", grey, 23, "sig-clean-label",
           # 95 of the 136 sixes carry a faint signal; the attacker stamps it at twice the strength
           [Rule(Sinusoid(0.4, 4.0), target=6, rate=0.07, clean_label=True, test_trigger=Sinusoid(0.8, 4.0))]),
@@ -244,10 +245,12 @@ def _build_in_worker(spec: ModelSpec, folder: str) -> dict:
     return build_model(spec, folder)
 
 
-def build_zoo(directory, specs: list[ModelSpec], *, jobs: int = 1, force: bool = False,
+def build_zoo(directory, specs: list[ModelSpec], *, only=None, jobs: int = 1, force: bool = False,
               command: str = "", log=print, quiet: bool = False) -> dict:
     """Build every spec not already complete in ``directory``; write and return the index.
 
+    ``only`` (names) limits what is built; complete models of the other specs
+    stay in the index, so the checks still find their clean references.
     ``jobs`` > 1 builds in that many worker processes.  ``log`` receives one
     line per model as it finishes.
     """
@@ -256,6 +259,8 @@ def build_zoo(directory, specs: list[ModelSpec], *, jobs: int = 1, force: bool =
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError("specs: model names must be unique")
+    if only is not None and set(only) - set(names):
+        raise ValueError(f"only: unknown model(s) {sorted(set(only) - set(names))}; known: {names}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs: expected a positive integer, got {jobs!r}")
     root = Path(directory)
@@ -264,11 +269,13 @@ def build_zoo(directory, specs: list[ModelSpec], *, jobs: int = 1, force: bool =
     truths: dict[str, dict] = {}
     todo = []
     for s in specs:
-        done = None if force else _complete(s, root / s.name)
+        wanted = only is None or s.name in only
+        done = None if force and wanted else _complete(s, root / s.name)
         if done is not None:
             truths[s.name] = dict(done, reused=True)
-            log(f"{s.name}: already built, kept")
-        else:
+            if wanted:
+                log(f"{s.name}: already built, kept")
+        elif wanted:
             todo.append(s)
 
     bar = tqdm(total=len(todo), desc="zoo", unit="model", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
@@ -291,7 +298,7 @@ def build_zoo(directory, specs: list[ModelSpec], *, jobs: int = 1, force: bool =
                 finished(f.result())
     bar.close()
 
-    ordered = [truths[n] for n in names]
+    ordered = [truths[n] for n in names if n in truths]
     index = {
         "models": ordered,
         "control_asr": control_asr(root, ordered),
