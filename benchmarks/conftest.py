@@ -64,6 +64,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "timer": str(config.getoption("benchmark_timer", default=None)),
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "busy_before": _busy_before,
@@ -72,12 +73,21 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     }
 
 
+def pytest_configure(config):
+    threads = config.getoption("--threads", default=variants.THREADS)
+    torch.set_num_threads(threads)
+
+
 def pytest_sessionstart(session):
-    print(f"\n[benchmarks] torch.set_num_threads({variants.THREADS}) -> "
+    print(f"\n[benchmarks] torch.set_num_threads({session.config.getoption('--threads')}) -> "
           f"torch.get_num_threads() = {torch.get_num_threads()}")
 
 
 def pytest_addoption(parser):
+    parser.addoption("--threads", type=int, default=variants.THREADS,
+                     help="torch.set_num_threads for the run (default %(default)s). With "
+                          "--threads=1 --benchmark-timer=time.process_time the times are CPU "
+                          "times, a cross-check that other processes barely disturb")
     parser.addoption("--idle-wait", type=float, default=0.0, metavar="SECONDS",
                      help="before each benchmark wait up to SECONDS for the other processes "
                           "to leave the CPUs idle (busy < 15%%); the machine may be shared")

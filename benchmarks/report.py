@@ -50,7 +50,8 @@ def render(data, groups):
     out.append(f"Machine: {info.get('cpu_model', '?')}, {info.get('logical_cpus', '?')} logical "
                f"CPUs, torch.get_num_threads() = {info.get('torch_threads', '?')}, "
                f"torch {info.get('torch', '?')} (CPU capability "
-               f"{info.get('torch_cpu_capability', '?')}); run {data.get('datetime', '?')[:19]}.")
+               f"{info.get('torch_cpu_capability', '?')}); timer {info.get('timer', '?')}; "
+               f"run {data.get('datetime', '?')[:19]}.")
     busy = [b["extra_info"].get("busy_before") for g in groups.values() for b in g.values()]
     busy = [x for x in busy if x is not None]
     if busy:
