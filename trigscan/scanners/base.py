@@ -156,14 +156,18 @@ class CostSchedule:
         self.init, self.threshold, self.patience = init, threshold, patience
         self.up, self.down = up, down
         zeros = torch.zeros(k, dtype=torch.long, device=device)
-        self.cost = torch.full((k,), 0.0 if start_at_zero else init, device=device)
+        # the schedule runs in float64 (Python floats in the official code: a cost
+        # divided for hundreds of steps must not underflow to 0, which would read
+        # as "not set yet"); `cost` is its float32 view for the losses
+        self._cost = torch.full((k,), 0.0 if start_at_zero else init, dtype=torch.float64, device=device)
+        self.cost = self._cost.float()
         self.set_counter, self.up_counter, self.down_counter = zeros.clone(), zeros.clone(), zeros.clone()
         self.went_up = torch.zeros(k, dtype=torch.bool, device=device)
         self.went_down = torch.zeros_like(self.went_up)
 
     def update(self, rows: torch.Tensor, asr: torch.Tensor) -> None:
         ok = asr >= self.threshold
-        cost = self.cost[rows]
+        cost = self._cost[rows]
         set_counter = torch.where((cost == 0) & ok, self.set_counter[rows] + 1, 0)
         now_set = set_counter >= self.patience
         cost = torch.where(now_set, torch.full_like(cost, self.init), cost)
@@ -173,7 +177,8 @@ class CostSchedule:
         raise_cost = up >= self.patience
         lower_cost = (down >= self.patience) & ~raise_cost
         cost = torch.where(raise_cost, cost * self.up, torch.where(lower_cost, cost / self.down, cost))
-        self.cost[rows] = cost
+        self._cost[rows] = cost
+        self.cost[rows] = cost.float()
         self.set_counter[rows] = set_counter
         self.up_counter[rows] = torch.where(raise_cost, 0, up)
         self.down_counter[rows] = torch.where(lower_cost, 0, down)
