@@ -86,9 +86,56 @@ def add_zoo(subparsers) -> None:
     e.set_defaults(func=_run_zoo_eval)
 
 
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.cache, seed=args.seed)
+    return 0
+
+
+def add_demo(subparsers) -> None:
+    d = subparsers.add_parser("demo", help="scan a backdoored and a clean model built from embedded data")
+    d.add_argument("--cache", help="where the demo models are built once and reused "
+                                   "(default $TRIGSCAN_CACHE or ~/.cache/trigscan/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_run_demo)
+
+
+def _run_info(args) -> int:
+    from . import build_info, scanners
+
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"trigscan {__import__('trigscan').__version__}, torch {info['torch_runtime']}, "
+          f"{info['threads']} threads")
+    if not info["loaded"]:
+        print(f"extension: NOT LOADED ({info['load_error']})")
+        return 1
+    cuda = (f"compiled for {info.get('cuda_arch_list')} (CUDA {info.get('cuda_version')})"
+            if info.get("cuda_compiled") else "not compiled")
+    print(f"CUDA kernels: {cuda}; GPU visible: {__import__('torch').cuda.is_available()}")
+    for op, keys in info["ops"].items():
+        print(f"  trigscan::{op:26s} {' '.join(keys)}")
+    print(f"scanners: {', '.join(scanners.available())}")
+    return 0
+
+
+def add_info(subparsers) -> None:
+    i = subparsers.add_parser("info", help="what was built: CUDA or not, ops and their kernels, scanners")
+    i.add_argument("--json", action="store_true", help="print build_info() as JSON")
+    i.set_defaults(func=_run_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="trigscan", description="Backdoor scanning for image classifiers.")
+    parser.add_argument("--version", action="version", version=f"trigscan {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo(subparsers)
+    add_info(subparsers)
     add_zoo(subparsers)
     return parser
 
