@@ -319,8 +319,7 @@ def format_line(t: dict) -> str:
         rules = ", ".join(f"{r['trigger']['kind']}->{r['target']} {r['asr']:.1%}" for r in t["rules"])
         what = f"ASR {t['asr']:6.1%} ({rules})"
     else:
-        nat = t["natural_asr"]
-        what = f"natural ASR max {max(nat):.1%} (class {nat.index(max(nat))})"
+        what = "natural ASR per class " + " ".join(f"{v:.1%}" for v in t["natural_asr"])
     return f"{t['name']:<26} {t['arch']:<6} {t['data']:<12} acc {t['clean_accuracy']:6.1%}  {what}  {t['build_s']:.1f}s"
 
 

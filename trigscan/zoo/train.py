@@ -18,7 +18,7 @@ from .attacks import Rule
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int,
-        lr: float = 2e-3, batch_size: int = 64, progress=None) -> nn.Module:
+        lr: float = 2e-3, batch_size: int = 64) -> nn.Module:
     """Adam on cross-entropy with a cosine-decaying learning rate; batches shuffled
     by a generator from ``seed``.  Returns the model in eval mode.
 
@@ -40,8 +40,6 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
             schedule.step()
-        if progress is not None:
-            progress.update(1)
     return model.eval()
 
 
