@@ -1,0 +1,131 @@
+"""End-to-end scanner benchmarks on a zoo model (2 intra-op threads, set by conftest).
+
+The model is the zoo's ``badnets-cnn-grey`` (SmallCNN 16/32 channels with
+batch-norm, 1x24x24 digits, 3x3 checkerboard -> class 0), trained here in a
+temporary folder (~30 s); the scan images are 100 class-balanced clean test
+images (``balanced_subset(y, 100, seed=0)``, as ``trigscan zoo eval``).
+
+- ``bench_scan[nc-batched]``: a full default NC scan, all 10 classes as one
+  batch (target: <= 90 s on 2 threads).
+- ``bench_scan[<method>-loop]``: the same algorithm with ``batched=False`` --
+  one class after the other, each with its own Adam, schedule and early stop,
+  same per-class maths; ``test_batched_and_loop_agree`` checks the verdicts.
+  PixelBackdoor runs both ways with max_steps=50 (its default 1000 steps has no
+  early stop: a full loop would take most of an hour).
+- ``bench_model_floor``: the model's own forward + backward (gradient to the
+  input, as a scan needs) on one batch of 10 x 32 images -- the floor of a
+  scan step. The session summary prints images per second of every scan next
+  to this floor.
+
+Run:  python -m pytest benchmarks/bench_scanners.py --benchmark-json=scanners.json
+(--idle-wait 600 waits for a quiet machine before each benchmark).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import trigscan  # noqa: F401
+from trigscan import scanners
+from trigscan.data import balanced_subset, read_npz
+from trigscan.scanners import nc, pixel, tabor  # noqa: F401  (registers them)
+from trigscan.zoo import build_model, standard_specs
+
+MODEL = "badnets-cnn-grey"
+N_IMAGES = 100
+CASES = {  # name -> (method, options)
+    "nc-batched": ("nc", {}),
+    "nc-loop": ("nc", {"batched": False}),
+    "pixel-batched": ("pixel", {"max_steps": 50}),
+    "pixel-loop": ("pixel", {"max_steps": 50, "batched": False}),
+}
+RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def zoo_model(tmp_path_factory):
+    spec = next(s for s in standard_specs() if s.name == MODEL)
+    folder = tmp_path_factory.mktemp("zoo") / spec.name
+    truth = build_model(spec, folder)
+    model = torch.jit.load(str(folder / "model.pt"), map_location="cpu").eval()
+    test = read_npz(folder / "test.npz")
+    x, y = torch.from_numpy(test["x"]), torch.from_numpy(test["y"])
+    idx = torch.from_numpy(balanced_subset(y.numpy(), N_IMAGES, 0))
+    return model, x[idx], truth
+
+
+def images_processed(result, n_images: int) -> int:
+    """Stamped images that went through forward + backward: every class step
+    is one pass over the scan images."""
+    return sum(c.steps for c in result.per_class) * n_images
+
+
+@pytest.mark.benchmark(group="scan (10 classes, 100 images, 24x24)")
+@pytest.mark.parametrize("case", list(CASES))
+def bench_scan(bench, zoo_model, case):
+    model, images, truth = zoo_model
+    method, options = CASES[case]
+    scanner = scanners.get(method)(**options)
+    result = bench(lambda: scanner.scan(model, images, seed=0, progress=False), rounds=1, warmup=0,
+                   case=case)
+    seconds = bench.benchmark.stats.stats.median
+    processed = images_processed(result, images.shape[0])
+    RESULTS[case] = {"seconds": seconds, "images_per_s": processed / seconds, "targets": result.targets,
+                     "statistics": result.statistics, "steps": [c.steps for c in result.per_class]}
+    bench.benchmark.extra_info.update(images=processed, images_per_s=round(processed / seconds, 1),
+                                      flagged=result.targets, truth=truth["targets"],
+                                      steps=RESULTS[case]["steps"])
+
+
+@pytest.mark.benchmark(group="model forward+backward floor (batch 320)")
+def bench_model_floor(bench, zoo_model):
+    model, images, _ = zoo_model
+    batch = images[torch.arange(320) % images.shape[0]].clone().requires_grad_(True)
+    target = torch.zeros(320, dtype=torch.long)
+
+    def step():
+        batch.grad = None
+        torch.nn.functional.cross_entropy(model(batch), target).backward()
+
+    bench(step, rounds=30, warmup=3)
+    seconds = bench.benchmark.stats.stats.median
+    RESULTS["floor"] = {"seconds": seconds, "images_per_s": 320 / seconds}
+    bench.benchmark.extra_info.update(images_per_s=round(320 / seconds, 1))
+
+
+@pytest.mark.parametrize("method", ["nc", "pixel"])
+def test_batched_and_loop_agree(method):
+    batched, loop = RESULTS.get(f"{method}-batched"), RESULTS.get(f"{method}-loop")
+    if batched is None or loop is None:
+        pytest.skip("run the bench_scan cases first (same session)")
+    assert batched["targets"] == loop["targets"]
+    assert batched["steps"] == loop["steps"]
+
+
+def pytest_terminal_summary_lines() -> list[str]:
+    lines = []
+    floor = RESULTS.get("floor", {}).get("images_per_s")
+    for case, r in RESULTS.items():
+        if case == "floor":
+            continue
+        share = f", {100 * r['images_per_s'] / floor:.0f}% of the model floor" if floor else ""
+        lines.append(f"{case:14s} {r['seconds']:7.1f} s  {r['images_per_s']:8.0f} images/s{share}  "
+                     f"flagged {r['targets']}")
+    for method in ("nc", "pixel"):
+        b, lp = RESULTS.get(f"{method}-batched"), RESULTS.get(f"{method}-loop")
+        if b and lp:
+            lines.append(f"{method}: batched is {lp['seconds'] / b['seconds']:.2f}x faster than the class loop")
+    if floor:
+        lines.append(f"model forward+backward floor: {floor:.0f} images/s at batch 320")
+    return lines
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    lines = pytest_terminal_summary_lines()
+    if reporter is not None and lines:
+        reporter.write_sep("-", "scanner summary")
+        for line in lines:
+            reporter.write_line(line)
