@@ -1,0 +1,54 @@
+"""L-RED / U-RED on real zoo models, and their input rules."""
+import pytest
+import torch
+
+import trigscan
+from trigscan.data import read_npz
+
+
+def zoo_model(quick_zoo, name):
+    root, _ = quick_zoo
+    test = read_npz(root / name / "test.npz")
+    return (trigscan.load_model(root / name / "model.pt"), torch.as_tensor(test["x"]),
+            torch.as_tensor(test["y"]))
+
+
+@pytest.mark.slow
+def test_lred_finds_the_imperceptible_additive_backdoor_and_its_target(quick_zoo):
+    model, x, y = zoo_model(quick_zoo, "sparse-additive-cnn-grey")
+    result = trigscan.scan(model, x, y, method="lred", images_per_class=4)
+    assert result.backdoored and result.targets == [4]
+    assert result.anomaly.kind == "gamma" and result.anomaly.p_value < 0.05
+    best = max(result.per_class, key=lambda c: c.statistic)
+    assert best.target == 4 and best.converged and best.asr >= 0.9
+
+
+@pytest.mark.slow
+def test_lred_does_not_flag_a_clean_model(quick_zoo):
+    model, x, y = zoo_model(quick_zoo, "clean-cnn-grey-s0")
+    result = trigscan.scan(model, x, y, method="lred", images_per_class=4)
+    assert not result.backdoored and result.targets == []
+    assert result.anomaly.p_value >= 0.05
+
+
+def test_ured_keeps_uniform_weights_and_lred_learns_them():
+    assert trigscan.scanners.get("ured")().config.learn_weights is False
+    assert trigscan.scanners.get("lred")().config.learn_weights is True
+
+
+def test_lred_needs_labels_and_two_images_per_class(quick_zoo):
+    model, x, y = zoo_model(quick_zoo, "clean-cnn-grey-s0")
+    with pytest.raises(ValueError, match="labels: method 'lred' needs the labels"):
+        trigscan.scan(model, x, method="lred")
+    keep = torch.cat([torch.nonzero(y != 7).flatten(), torch.nonzero(y == 7).flatten()[:1]])
+    with pytest.raises(ValueError, match="labels: class 7 has 1 image"):
+        trigscan.scan(model, x[keep], y[keep], method="lred", max_steps=2)
+    with pytest.raises(ValueError, match="images_per_class"):
+        trigscan.scan(model, x, y, method="lred", images_per_class=1)
+
+
+def test_lred_statistics_are_reproducible(quick_zoo):
+    model, x, y = zoo_model(quick_zoo, "clean-cnn-grey-s0")
+    runs = [trigscan.scan(model, x, y, method="lred", seed=seed, max_steps=20, images_per_class=2)
+            for seed in (1, 1)]
+    assert [c.statistic for c in runs[0].per_class] == [c.statistic for c in runs[1].per_class]
