@@ -18,9 +18,12 @@ images (``balanced_subset(y, 100, seed=0)``, as ``trigscan zoo eval``).
   to this floor.
 
 Run:  python -m pytest benchmarks/bench_scanners.py --benchmark-json=scanners.json
-(--idle-wait 600 waits for a quiet machine before each benchmark).
+(--idle-wait 600 waits for a quiet machine before each benchmark;
+TRIGSCAN_BENCH_QUICK=1 runs every scan for 3 steps only, as a smoke test).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -39,6 +42,8 @@ CASES = {  # name -> (method, options)
     "pixel-batched": ("pixel", {"max_steps": 50}),
     "pixel-loop": ("pixel", {"max_steps": 50, "batched": False}),
 }
+if os.environ.get("TRIGSCAN_BENCH_QUICK"):  # a smoke run of this file: 3 steps per scan
+    CASES = {case: (method, {**options, "max_steps": 3}) for case, (method, options) in CASES.items()}
 RESULTS: dict[str, dict] = {}
 
 
@@ -66,8 +71,10 @@ def bench_scan(bench, zoo_model, case):
     model, images, truth = zoo_model
     method, options = CASES[case]
     scanner = scanners.get(method)(**options)
-    result = bench(lambda: scanner.scan(model, images, seed=0, progress=False), rounds=1, warmup=0,
-                   case=case)
+    results = []
+    bench(lambda: results.append(scanner.scan(model, images, seed=0, progress=False)), rounds=1,
+          warmup=0, case=case)
+    result = results[-1]
     seconds = bench.benchmark.stats.stats.median
     processed = images_processed(result, images.shape[0])
     RESULTS[case] = {"seconds": seconds, "images_per_s": processed / seconds, "targets": result.targets,
@@ -122,10 +129,13 @@ def pytest_terminal_summary_lines() -> list[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
+    """Prints the summary after the last benchmark of this file (outside output capture)."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     lines = pytest_terminal_summary_lines()
-    if reporter is not None and lines:
-        reporter.write_sep("-", "scanner summary")
+    if not lines:
+        return
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n---------------- scanner summary ----------------")
         for line in lines:
-            reporter.write_line(line)
+            print(line)
