@@ -191,6 +191,7 @@ class TestContract:
     ("tabor", {"statistic": "size"}, "statistic"),
     ("pixel", {"mode": "pairs"}, "mode"),
     ("pixel", {"gamma": 0.0}, "gamma"),
+    ("pixel", {"pair_verdict": "median"}, "pair_verdict"),
 ])
 def test_invalid_option_values(name, options, message):
     with pytest.raises(ValueError, match=message):
@@ -227,6 +228,14 @@ def test_pixel_pair_mode(tiny):
     assert pairs == [(s, t) for s in range(4) for t in range(4) if s != t]
     assert len(result.anomaly.values) == 12
     assert all(c.trigger["positive"].shape == (1, 8, 8) for c in result.per_class)
+    assert set(result.targets) == {t for _, t in result.anomaly.details["flagged_pairs"]}
+    by_target = scanners.get("pixel")(mode="pair", pair_verdict="targets")._verdict(result.per_class)
+    targets, anomaly = by_target
+    assert anomaly.details["targets"] == [0, 1, 2, 3] and len(anomaly.values) == 4
+    for t, value in zip(anomaly.details["targets"], anomaly.details["target_statistics"]):
+        column = [c.statistic for c in result.per_class if c.target == t and c.converged]
+        column = column or [c.statistic for c in result.per_class if c.target == t]
+        assert value == float(np.median(column))
 
 
 def test_pixel_universal_with_labels_uses_the_other_classes_as_victims(tiny):

@@ -591,16 +591,21 @@ class TriggerOptimizer(Scanner):
                 converged=bool(found[i]), steps=int(outcome.steps[i]), stop_reason=reason,
                 source=None if sources is None else int(sources[i]),
                 trigger={key: value[i].detach().cpu() for key, value in kept.items()}))
+        flagged_targets, anomaly = self._verdict(per_row)
+        return ScanResult(method=self.name, backdoored=bool(flagged_targets), targets=flagged_targets,
+                          per_class=per_row, anomaly=anomaly, config=self.get_params(), seed=seed,
+                          elapsed_s=0.0)
+
+    def _verdict(self, per_row: list[ClassResult]) -> tuple[list[int], Anomaly]:
+        """MAD over the rows' statistics on `anomaly_side`; rows that never reached
+        the success threshold count for the median but are never flagged. The
+        flagged targets are those of the flagged rows (pairs list them in
+        ``anomaly.details["flagged_pairs"]``)."""
         statistics = [c.statistic for c in per_row]
         flagged = mad_outliers(statistics, self.config.anomaly_threshold, self.anomaly_side,
                                eligible=[c.converged for c in per_row])
         anomaly = Anomaly(kind="mad", values=mad_anomaly_index(statistics).tolist(),
                           threshold=self.config.anomaly_threshold, side=self.anomaly_side)
-        flagged_targets = list(dict.fromkeys(per_row[i].target for i in flagged))
-        result = ScanResult(method=self.name, backdoored=bool(flagged), targets=flagged_targets,
-                            per_class=per_row, anomaly=anomaly, config=self.get_params(), seed=seed,
-                            elapsed_s=0.0)
-        if sources is not None:
-            result.anomaly.details["flagged_pairs"] = [[per_row[i].source, per_row[i].target]
-                                                       for i in flagged]
-        return result
+        if per_row[0].source is not None:
+            anomaly.details["flagged_pairs"] = [[per_row[i].source, per_row[i].target] for i in flagged]
+        return list(dict.fromkeys(per_row[i].target for i in flagged)), anomaly

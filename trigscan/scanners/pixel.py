@@ -24,9 +24,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from .. import ops
+from ..detect import mad_anomaly_index, mad_outliers
+from ..result import Anomaly
 from ..reference import pixel_perturbation
 from . import register
 from .base import OptimizerConfig, RowImages, TriggerOptimizer, stamped_logits, target_ce, target_hits
@@ -36,7 +39,10 @@ from .base import OptimizerConfig, RowImages, TriggerOptimizer, stamped_logits, 
 class PixelConfig(OptimizerConfig):
     """PixelBackdoor's options; defaults from the official code (see docs/scanners.md).
 
-    mode: "universal" or "pair". use_tanh: the paper's eq. 4 instead of the clip
+    mode: "universal" or "pair". pair_verdict (pair mode): "pairs" flags
+    anomalously small (source, target) pairs by MAD over all pairs; "targets"
+    takes each target's median over its sources and flags targets by MAD over
+    the K medians. use_tanh: the paper's eq. 4 instead of the clip
     form. maxp: the largest pixel value (1 for [0, 1] images). gamma: the slope
     divisor in L_pixel. prune_threshold: perturbations below it are zeroed.
     """
@@ -49,6 +55,7 @@ class PixelConfig(OptimizerConfig):
     cost_down: float = 1.5 ** 1.5
     early_stop_patience: int | None = None
     mode: str = "universal"
+    pair_verdict: str = "pairs"
     use_tanh: bool = False
     maxp: float = 1.0
     gamma: float = 10.0
@@ -58,6 +65,8 @@ class PixelConfig(OptimizerConfig):
         super().__post_init__()
         if self.mode not in ("universal", "pair"):
             raise ValueError(f"mode: expected 'universal' or 'pair', got {self.mode!r}")
+        if self.pair_verdict not in ("pairs", "targets"):
+            raise ValueError(f"pair_verdict: expected 'pairs' or 'targets', got {self.pair_verdict!r}")
         for name in ("maxp", "gamma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -162,9 +171,23 @@ class PixelBackdoor(TriggerOptimizer):
                                 trigger["negative"] / maxp)
         return target_hits(logits, targets, batch.weight)
 
-    def _finish(self, model, data, targets, sources, outcome, seed):
-        result = super()._finish(model, data, targets, sources, outcome, seed)
-        if sources is not None:
-            result.notes.append("pair mode: MAD over the pixel counts of all (source, target) "
-                                "pairs; targets are the targets of the flagged pairs")
-        return result
+    def _verdict(self, per_row):
+        """Universal mode and pair_verdict="pairs": MAD over the rows (base rule).
+        pair_verdict="targets": per target, the median pixel count over its
+        source classes (only sources whose inversion converged; none -> the
+        median of all), then MAD over the targets, low side."""
+        if self.config.mode != "pair" or self.config.pair_verdict == "pairs":
+            return super()._verdict(per_row)
+        targets = list(dict.fromkeys(c.target for c in per_row))
+        column, converged = [], []
+        for t in targets:
+            rows = [c for c in per_row if c.target == t]
+            ok = [c.statistic for c in rows if c.converged]
+            column.append(float(np.median(ok if ok else [c.statistic for c in rows])))
+            converged.append(bool(ok))
+        threshold = self.config.anomaly_threshold
+        flagged = mad_outliers(column, threshold, "low", eligible=converged)
+        anomaly = Anomaly(kind="mad", values=mad_anomaly_index(column).tolist(), threshold=threshold,
+                          side="low", details={"verdict": "targets", "targets": targets,
+                                               "target_statistics": column})
+        return [targets[i] for i in flagged], anomaly
