@@ -178,7 +178,7 @@ class PixelBackdoor(TriggerOptimizer):
         median of all), then MAD over the targets, low side."""
         if self.config.mode != "pair" or self.config.pair_verdict == "pairs":
             return super()._verdict(per_row)
-        targets = list(dict.fromkeys(c.target for c in per_row))
+        targets = sorted({c.target for c in per_row})
         column, converged = [], []
         for t in targets:
             rows = [c for c in per_row if c.target == t]
