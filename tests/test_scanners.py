@@ -192,6 +192,7 @@ class TestContract:
     ("pixel", {"mode": "pairs"}, "mode"),
     ("pixel", {"gamma": 0.0}, "gamma"),
     ("pixel", {"pair_verdict": "median"}, "pair_verdict"),
+    ("pixel", {"statistic": "log"}, "statistic"),
 ])
 def test_invalid_option_values(name, options, message):
     with pytest.raises(ValueError, match=message):
@@ -215,6 +216,13 @@ def test_pixel_defaults_follow_the_official_code():
     assert (cfg.asr_threshold, cfg.init_cost, cfg.cost_start_at_zero) == (0.9, 1e-3, False)
     assert (cfg.patience, cfg.cost_up, cfg.cost_down) == (10, 1.5, 1.5 ** 1.5)
     assert (cfg.gamma, cfg.prune_threshold, cfg.use_tanh, cfg.mode) == (10.0, 1 / 255, False, "universal")
+
+
+def test_pixel_log_count_statistic(tiny):
+    model, images, labels = tiny
+    count = run("pixel", model, images, labels)
+    logged = run("pixel", model, images, labels, statistic="log_count")
+    np.testing.assert_allclose(logged.statistics, np.log1p(count.statistics), rtol=1e-6)
 
 
 def test_pixel_pair_mode(tiny):

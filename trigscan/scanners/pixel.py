@@ -42,7 +42,9 @@ class PixelConfig(OptimizerConfig):
     mode: "universal" or "pair". pair_verdict (pair mode): "pairs" flags
     anomalously small (source, target) pairs by MAD over all pairs; "targets"
     takes each target's median over its sources and flags targets by MAD over
-    the K medians. use_tanh: the paper's eq. 4 instead of the clip
+    the K medians. statistic: "count" (perturbed pixel locations, the paper's
+    measure) or "log_count" (ln(1 + count): MAD on a log scale, where a count
+    of 2 among counts of 20-60 stands out). use_tanh: the paper's eq. 4 instead of the clip
     form. maxp: the largest pixel value (1 for [0, 1] images). gamma: the slope
     divisor in L_pixel. prune_threshold: perturbations below it are zeroed.
     """
@@ -56,6 +58,7 @@ class PixelConfig(OptimizerConfig):
     early_stop_patience: int | None = None
     mode: str = "universal"
     pair_verdict: str = "pairs"
+    statistic: str = "count"
     use_tanh: bool = False
     maxp: float = 1.0
     gamma: float = 10.0
@@ -65,6 +68,8 @@ class PixelConfig(OptimizerConfig):
         super().__post_init__()
         if self.mode not in ("universal", "pair"):
             raise ValueError(f"mode: expected 'universal' or 'pair', got {self.mode!r}")
+        if self.statistic not in ("count", "log_count"):
+            raise ValueError(f"statistic: expected 'count' or 'log_count', got {self.statistic!r}")
         if self.pair_verdict not in ("pairs", "targets"):
             raise ValueError(f"pair_verdict: expected 'pairs' or 'targets', got {self.pair_verdict!r}")
         for name in ("maxp", "gamma"):
@@ -136,6 +141,10 @@ class PixelBackdoor(TriggerOptimizer):
 
     def _size(self, trigger):
         return perturbed_locations(trigger)
+
+    def _statistic(self, model, data, trigger, targets, asr):
+        count = perturbed_locations(trigger)
+        return torch.log1p(count) if self.config.statistic == "log_count" else count
 
     def _best_key(self, params, trigger):
         size_loss = ops.pixel_size_loss(params["b_p"], params["b_n"], self.config.gamma)
