@@ -248,10 +248,6 @@ class Batch:
     weight: torch.Tensor | None = None
     clean: torch.Tensor | None = None
 
-    @property
-    def per_row(self) -> bool:
-        return self.x.dim() == 5
-
 
 class RowImages:
     """The scan images each row is optimised on.
