@@ -108,13 +108,33 @@ def quiet(request):
     return busy
 
 
+def cpu_ticks():
+    """(busy ticks of all CPUs, ticks used by this process) from /proc."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(fields) - fields[3] - fields[4], sum(fields), int(own[11]) + int(own[12])
+    except (OSError, IndexError, ValueError):
+        return 0, 0, 0
+
+
 @pytest.fixture
 def bench(benchmark, quiet):
-    """benchmark.pedantic with fixed rounds; records the pre-run busy fraction."""
+    """benchmark.pedantic with fixed rounds. Records the busy fraction seen just
+    before the run and the share of all CPU time that *other* processes used
+    while it ran (others_busy; ~0 on a quiet machine, 0.5 = one core taken)."""
     def run(fn, rounds, warmup=2, **extra):
         benchmark.extra_info["busy_before"] = round(quiet, 3)
         benchmark.extra_info.update(extra)
+        before = cpu_ticks()
+        try:
+            return _pedantic(fn, rounds, warmup)
+        finally:
+            busy, total, own = (a - b for a, b in zip(cpu_ticks(), before))
+            benchmark.extra_info["others_busy"] = (round(max(0, busy - own) / total, 3)
+                                                   if total > 0 else None)
 
+    def _pedantic(fn, rounds, warmup):
         def step():
             fn()  # the results are dropped inside the timed call, as a scan step drops its
             # batch: otherwise the previous round's output stays alive during the next

@@ -1,12 +1,17 @@
-"""Summarise a pytest-benchmark JSON file as Markdown.
+"""Summarise pytest-benchmark JSON files as Markdown.
 
     python -m pytest benchmarks -q --benchmark-json=/tmp/bench.json
-    python benchmarks/report.py /tmp/bench.json
+    python benchmarks/report.py /tmp/bench.json [/tmp/bench2.json ...]
 
 Prints the machine/threads line, one table of all cases (median ms and the
 ratio variant / fused, so 2.0 means the fused kernel is twice as fast), the
 stamp-forward throughput as a fraction of the measured copy bandwidth, the
 peak memory of each NES-step variant, and the issue's targets met or missed.
+
+The machine may be shared: every benchmark records `others_busy`, the share of
+all CPU time other processes used while it ran. Given several runs, each case
+(group of variants) is taken whole from the run in which its worst row was the
+least disturbed, and the run it came from is shown.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from collections import OrderedDict
 
 MiB = 1 << 20
 
-# group -> (target speed-up of fused over the best plain-PyTorch variant)
+# group -> target speed-up of fused over the best plain-PyTorch variant
 TARGETS = OrderedDict([
     ("stamp forward", 1.0),
     ("stamp forward+backward", 2.0),
@@ -31,47 +36,68 @@ def variant_of(bench):
     return str(params.get("variant", params.get("size", bench["name"])))
 
 
-def load(path):
-    with open(path) as f:
-        data = json.load(f)
-    groups = OrderedDict()
-    for b in data["benchmarks"]:
-        groups.setdefault(b["group"], OrderedDict())[variant_of(b)] = b
-    return data, groups
+def disturbance(bench):
+    e = bench.get("extra_info", {})
+    value = e.get("others_busy")
+    return value if value is not None else e.get("busy_before", 1.0)
+
+
+def load(paths):
+    runs = []
+    for i, path in enumerate(paths):
+        with open(path) as f:
+            data = json.load(f)
+        groups = OrderedDict()
+        for b in data["benchmarks"]:
+            groups.setdefault(b["group"], OrderedDict())[variant_of(b)] = b
+        runs.append((i + 1, data, groups))
+    merged = OrderedDict()  # group -> (run id, benches)
+    for run_id, _, groups in runs:
+        for group, benches in groups.items():
+            worst = max(disturbance(b) for b in benches.values())
+            if group not in merged or worst < merged[group][2]:
+                merged[group] = (run_id, benches, worst)
+    return runs, merged
 
 
 def ms(b):
     return b["stats"]["median"] * 1e3
 
 
-def render(data, groups):
+def pct(x):
+    return "" if x is None else f"{100 * x:.0f}"
+
+
+def render(runs, merged):
     out = []
+    _, data, _ = runs[0]
     info = data.get("machine_info", {}).get("trigscan", {})
     out.append(f"Machine: {info.get('cpu_model', '?')}, {info.get('logical_cpus', '?')} logical "
                f"CPUs, torch.get_num_threads() = {info.get('torch_threads', '?')}, "
                f"torch {info.get('torch', '?')} (CPU capability "
-               f"{info.get('torch_cpu_capability', '?')}); timer {info.get('timer', '?')}; "
-               f"run {data.get('datetime', '?')[:19]}.")
-    busy = [b["extra_info"].get("busy_before") for g in groups.values() for b in g.values()]
-    busy = [x for x in busy if x is not None]
-    if busy:
-        out.append(f"CPU busy (other processes) just before each benchmark: max "
-                   f"{100 * max(busy):.0f}%, median {100 * sorted(busy)[len(busy) // 2]:.0f}%.")
+               f"{info.get('torch_cpu_capability', '?')}); timer {info.get('timer', '?')}.")
+    for run_id, d, _ in runs:
+        out.append(f"Run {run_id}: {d.get('datetime', '?')[:19]} (commit "
+                   f"{d.get('commit_info', {}).get('id', '?')[:10]}"
+                   f"{', dirty' if d.get('commit_info', {}).get('dirty') else ''}).")
     out.append("")
+    multi = len(runs) > 1
     out.append("| case | variant | median ms | min ms | IQR ms | rounds | variant / fused "
-               "(medians) |")
-    out.append("|---|---|---:|---:|---:|---:|---:|")
-    for group, benches in groups.items():
+               "(medians) | others busy % |" + (" run |" if multi else ""))
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if multi else ""))
+    for group, (run_id, benches, _) in merged.items():
         fused = benches.get("fused")
         for variant, b in benches.items():
             ratio = f"{ms(b) / ms(fused):.2f}" if fused else ""
-            out.append(f"| {group} | {variant} | {ms(b):.3f} | {b['stats']['min'] * 1e3:.3f} | "
-                       f"{b['stats']['iqr'] * 1e3:.3f} | {b['stats']['rounds']} | {ratio} |")
+            s = b["stats"]
+            out.append(f"| {group} | {variant} | {ms(b):.3f} | {s['min'] * 1e3:.3f} | "
+                       f"{s['iqr'] * 1e3:.3f} | {s['rounds']} | {ratio} | "
+                       f"{pct(b['extra_info'].get('others_busy'))} |"
+                       + (f" {run_id} |" if multi else ""))
     out.append("")
 
-    # bandwidth
-    copy = groups.get("memory copy", {})
-    fwd = groups.get("stamp forward", {})
+    copy = merged.get("memory copy", (None, {}))[1]
+    fwd = merged.get("stamp forward", (None, {}))[1]
     if copy and fwd:
         out.append("Stamp forward throughput (bytes: read x, mask, pattern once + write the "
                    "output) against the measured copy bandwidth (bytes read + written by "
@@ -79,9 +105,8 @@ def render(data, groups):
         out.append("")
         bw = {k: v["extra_info"]["bytes_moved"] / v["stats"]["median"] / 1e9
               for k, v in copy.items()}
-        header = "| variant | GB/s |" + "".join(f" fraction of copy {k} ({bw[k]:.1f} GB/s) |"
-                                                for k in bw)
-        out.append(header)
+        out.append("| variant | GB/s |" + "".join(f" fraction of copy {k} ({bw[k]:.1f} GB/s) |"
+                                                  for k in bw))
         out.append("|---|---:|" + "---:|" * len(bw))
         for variant, b in fwd.items():
             gbs = b["extra_info"]["bytes_moved"] / b["stats"]["median"] / 1e9
@@ -89,8 +114,8 @@ def render(data, groups):
                                                              for v in bw.values()))
         out.append("")
 
-    # memory
-    nes = [(g, b) for g, bs in groups.items() if g.startswith("nes step") for b in bs.values()]
+    nes = [(g, b) for g, (_, bs, _) in merged.items() if g.startswith("nes step")
+           for b in bs.values()]
     if nes:
         out.append("Peak memory of one NES step above the process's resident set before it "
                    "(fresh process per variant; `rss` = VmHWM after resetting it via "
@@ -106,13 +131,12 @@ def render(data, groups):
                        f"{(e['peak_rss_bytes'] - e['out_bytes']) / MiB:.2f} |")
         out.append("")
 
-    # targets
     out.append("| target | fused ms | best plain PyTorch | speed-up | met |")
     out.append("|---|---:|---|---:|:-:|")
     for group, want in TARGETS.items():
-        benches = groups.get(group)
-        if not benches or "fused" not in benches:
+        if group not in merged or "fused" not in merged[group][1]:
             continue
+        benches = merged[group][1]
         others = {v: b for v, b in benches.items() if v != "fused"}
         best_v = min(others, key=lambda v: ms(others[v]))
         speedup = ms(others[best_v]) / ms(benches["fused"])
@@ -124,9 +148,9 @@ def render(data, groups):
 
 
 def main(argv):
-    if len(argv) != 2:
+    if len(argv) < 2:
         raise SystemExit(__doc__)
-    print(render(*load(argv[1])))
+    print(render(*load(argv[1:])))
 
 
 if __name__ == "__main__":
