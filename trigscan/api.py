@@ -26,11 +26,14 @@ def load_model(path):
 
 
 def scan(model, images, labels=None, method: str = "nc", seed: int = 0, *, classes=None,
-         progress: bool | None = None, **options) -> ScanResult:
+         progress: bool | None = None, checkpoint=None, **options) -> ScanResult:
     """Scan `model` with one method. images: float [N, C, H, W] in [0, 1].
 
     options are the method's configuration (see ``trigscan.scanners.get(method).Config``).
+    checkpoint: a file to save the scan's state to after every step and to
+    resume from if it exists (methods with ``resumable = True``).
     Returns a ScanResult with ``backdoored`` and ``targets`` among its attributes.
     """
     scanner = scanners.get(method)(**options)
-    return scanner.scan(model, images, labels, seed=seed, classes=classes, progress=progress)
+    return scanner.scan(model, images, labels, seed=seed, classes=classes, progress=progress,
+                        checkpoint=checkpoint)

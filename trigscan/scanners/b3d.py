@@ -61,14 +61,16 @@ class B3D(Scanner):
     access = "black"
     Config = B3DConfig
 
-    def scan(self, model, images, labels=None, *, seed=0, classes=None, progress=None):
+    def scan(self, model, images, labels=None, *, seed=0, classes=None, progress=None,
+             checkpoint=None):
         if not isinstance(model, torch.nn.Module):
             model = as_query_model(model)
         else:
             model = as_query_model(model, input_shape=tuple(images.shape[1:]))
-        return super().scan(model, images, labels, seed=seed, classes=classes, progress=progress)
+        return super().scan(model, images, labels, seed=seed, classes=classes, progress=progress,
+                             checkpoint=checkpoint)
 
-    def _scan(self, model, images, labels, classes, seed, show) -> ScanResult:
+    def _scan(self, model, images, labels, classes, seed, show, checkpoint=None) -> ScanResult:
         cfg = self.config
         if cfg.k < 1 or not cfg.sigma > 0:
             raise ValueError(f"k, sigma: need k >= 1 and sigma > 0, got {cfg.k}, {cfg.sigma}")
@@ -189,10 +191,12 @@ class B3DSS(B3D):
 
     Config = B3DSSConfig
 
-    def scan(self, model, images=None, labels=None, *, seed=0, classes=None, progress=None):
+    def scan(self, model, images=None, labels=None, *, seed=0, classes=None, progress=None,
+             checkpoint=None):
         if images is not None:
             raise ValueError("images: B3D-SS scans with synthetic noise; pass None "
                              "(or use method='b3d' to scan with real images)")
         model = as_query_model(model)
         images = uniform_noise(self.config.synthetic_samples, model.input_shape, seed=seed)
-        return super().scan(model, images, labels, seed=seed, classes=classes, progress=progress)
+        return super().scan(model, images, labels, seed=seed, classes=classes, progress=progress,
+                             checkpoint=checkpoint)

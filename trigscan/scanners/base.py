@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checkpoint import Checkpoint, tensor_digest
 from ..detect import mad_anomaly_index, mad_outliers
 from ..models import as_white_box
 from ..result import Anomaly, ClassResult, ScanResult
@@ -84,6 +85,7 @@ class Scanner:
     name = "base"
     access = "white"
     needs_labels = False
+    resumable = False  # True once _scan loads and saves its checkpoint
 
     @dataclasses.dataclass
     class Config:
@@ -101,12 +103,14 @@ class Scanner:
         return dataclasses.asdict(self.config)
 
     def scan(self, model, images, labels=None, *, seed: int = 0, classes=None,
-             progress: bool | None = None) -> ScanResult:
+             progress: bool | None = None, checkpoint=None) -> ScanResult:
         """Scan `model` for backdoors using `images` (float [N, C, H, W] in [0, 1]).
 
         labels: [N] class indices (needed by some methods); classes: candidate
         target classes (default all); progress: show a progress bar (default:
-        when stderr is a terminal).
+        when stderr is a terminal); checkpoint: a file path to save the scan's
+        state to after every step and resume from when it exists (see
+        ``trigscan.checkpoint``).
         """
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
@@ -123,12 +127,22 @@ class Scanner:
             labels = check_labels(labels, images.shape[0], num_classes).to(images.device)
         classes = check_classes(classes, num_classes)
         show = sys.stderr.isatty() if progress is None else progress
+        if checkpoint is not None:
+            if not self.resumable:
+                raise ValueError(f"checkpoint: method {self.name!r} cannot resume a scan yet")
+            checkpoint = Checkpoint(checkpoint, self.fingerprint(images, labels, seed, classes))
         started = time.perf_counter()
-        result = self._scan(model, images, labels, classes, seed, show)
+        result = self._scan(model, images, labels, classes, seed, show, checkpoint)
         result.elapsed_s = time.perf_counter() - started
         return result
 
-    def _scan(self, model, images, labels, classes, seed, progress) -> ScanResult:
+    def fingerprint(self, images, labels, seed, classes) -> dict:
+        """What identifies a scan for its checkpoint: method, options, seed, classes, data."""
+        return {"method": self.name, "config": self.get_params(), "seed": seed,
+                "classes": classes, "data": tensor_digest(images, labels)}
+
+    def _scan(self, model, images, labels, classes, seed, progress, checkpoint) -> ScanResult:
+        """checkpoint: None or a trigscan.checkpoint.Checkpoint to load() once and save() per step."""
         raise NotImplementedError
 
 
@@ -475,7 +489,7 @@ class TriggerOptimizer(Scanner):
         return self._size(trigger)
 
     # -- the scan -----------------------------------------------------------
-    def _scan(self, model, images, labels, classes, seed, show) -> ScanResult:
+    def _scan(self, model, images, labels, classes, seed, show, checkpoint=None) -> ScanResult:
         cfg = self.config
         device = images.device
         targets, sources = self._rows(classes, labels)

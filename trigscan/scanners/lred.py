@@ -44,7 +44,7 @@ class LRED(Scanner):
     needs_labels = True
     Config = LREDConfig
 
-    def _scan(self, model, images, labels, classes, seed, show) -> ScanResult:
+    def _scan(self, model, images, labels, classes, seed, show, checkpoint=None) -> ScanResult:
         cfg = self.config
         num_classes = model.num_classes
         generator = torch.Generator().manual_seed(seed)
