@@ -241,8 +241,9 @@ def image_batches(images: torch.Tensor, batch_size: int):
 
 
 def progress_bar(total: int, desc: str, show: bool):
-    return tqdm(total=total, desc=desc, disable=not show, file=sys.stderr, leave=False,
-                dynamic_ncols=True)
+    from ..progress import Bar  # a tqdm bar when shown, plus events for logs (trigscan.progress)
+
+    return Bar(total, desc, show)
 
 
 # ---------------------------------------------------------------------------
