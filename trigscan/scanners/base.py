@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpoint, tensor_digest
-from ..detect import mad_anomaly_index, mad_outliers
+from ..checkpoint import Checkpoint, load_fields, restore_into, tensor_digest, tensor_fields, to_device
 from ..models import as_white_box
 from ..result import Anomaly, ClassResult, ScanResult
+from .verdict import mad_test
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +109,11 @@ class Scanner:
         labels: [N] class indices (needed by some methods); classes: candidate
         target classes (default all); progress: show a progress bar (default:
         when stderr is a terminal); checkpoint: a file path to save the scan's
-        state to after every step and resume from when it exists (see
+        state to after every step and resume from when it exists, or a
+        ``trigscan.checkpoint.Checkpoint(path, min_interval=...)`` for its
+        save options (the scan sets its fingerprint). A resumed scan returns
+        the result of the uninterrupted one, bitwise on the same device and
+        thread count; the file stays, marked complete, after the scan (see
         ``trigscan.checkpoint``).
         """
         if not isinstance(seed, int) or seed < 0:
@@ -130,7 +134,9 @@ class Scanner:
         if checkpoint is not None:
             if not self.resumable:
                 raise ValueError(f"checkpoint: method {self.name!r} cannot resume a scan yet")
-            checkpoint = Checkpoint(checkpoint, self.fingerprint(images, labels, seed, classes))
+            options = {"min_interval": checkpoint.min_interval} if isinstance(checkpoint, Checkpoint) else {}
+            path = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
+            checkpoint = Checkpoint(path, self.fingerprint(images, labels, seed, classes), **options)
         started = time.perf_counter()
         result = self._scan(model, images, labels, classes, seed, show, checkpoint)
         result.elapsed_s = time.perf_counter() - started
@@ -199,6 +205,12 @@ class CostSchedule:
         self.went_up[rows] = (self.went_up[rows] & ~now_set) | raise_cost
         self.went_down[rows] = (self.went_down[rows] & ~now_set) | lower_cost
 
+    def state_dict(self) -> dict:
+        return tensor_fields(self)
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        load_fields(self, state, device)
+
 
 class BestTracker:
     """The best trigger per class among steps whose success rate reached the
@@ -233,6 +245,12 @@ class BestTracker:
     @property
     def found(self) -> torch.Tensor:
         return self.step >= 0
+
+    def state_dict(self) -> dict:
+        return tensor_fields(self)
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        load_fields(self, state, device)
 
 
 def image_batches(images: torch.Tensor, batch_size: int):
@@ -442,6 +460,17 @@ class Outcome:
         return Outcome(best, {key: torch.cat([p.last[key] for p in parts]) for key in first.last},
                        torch.cat([p.steps for p in parts]), torch.cat([p.stopped_early for p in parts]))
 
+    def state_dict(self) -> dict:
+        return {"best": self.best.state_dict(), "last": self.last, "steps": self.steps,
+                "stopped_early": self.stopped_early}
+
+    @staticmethod
+    def from_state(state: dict, device, criteria: int) -> "Outcome":
+        best = BestTracker(0, device, criteria)
+        best.load_state_dict(state["best"], device)
+        return Outcome(best, to_device(state["last"], device), state["steps"].to(device),
+                       state["stopped_early"].to(device))
+
 
 class TriggerOptimizer(Scanner):
     """A white-box method that optimises one trigger per row with Adam under
@@ -469,6 +498,7 @@ class TriggerOptimizer(Scanner):
     """
 
     anomaly_side = "low"
+    resumable = True  # state saved after every step (see _scan, _optimise)
     needs_clean_predictions = False
     best_criteria = 1
     Config = OptimizerConfig
@@ -491,6 +521,14 @@ class TriggerOptimizer(Scanner):
 
     # -- the scan -----------------------------------------------------------
     def _scan(self, model, images, labels, classes, seed, show, checkpoint=None) -> ScanResult:
+        """Optimise every row (in one batch, or row by row with ``batched=False``),
+        then evaluate the kept triggers and take the verdict.
+
+        With a checkpoint, the state after every step is saved: the rows already
+        optimised (row by row mode) and the loop state of the run in progress
+        (see ``_optimise``). A loaded state continues exactly there; a complete
+        one skips the optimisation.
+        """
         cfg = self.config
         device = images.device
         targets, sources = self._rows(classes, labels)
@@ -504,21 +542,50 @@ class TriggerOptimizer(Scanner):
         init = {name: p.to(device) for name, p in
                 self._init_params(k, tuple(images.shape[1:]), generator).items()}
         what = "pairs" if sources is not None else "classes"
-        if cfg.batched:
-            bar = progress_bar(cfg.max_steps, f"{self.name} ({k} {what})", show)
-            outcome = self._optimise(model, data, init, targets, bar)
-        else:
-            bar = progress_bar(cfg.max_steps * k, f"{self.name} ({k} {what}, one by one)", show)
-            outcome = Outcome.cat([
-                self._optimise(model, data.select(torch.tensor([i], device=device)),
-                               {name: p[i:i + 1] for name, p in init.items()}, targets[i:i + 1], bar)
-                for i in range(k)])
+        # the runs: all rows at once, or one row after the other
+        groups = [None] if cfg.batched else [torch.tensor([i], device=device) for i in range(k)]
+        total = cfg.max_steps * len(groups)
+        bar = progress_bar(total, f"{self.name} ({k} {what}{'' if cfg.batched else ', one by one'})", show)
+        state = checkpoint.load() if checkpoint is not None else None
+        done: list[Outcome] = []
+        resume = None
+        if state is not None:
+            with checkpoint.restoring():
+                done = [Outcome.from_state(part, device, self.best_criteria) for part in state["done"]]
+                resume = state["run"]
+                if len(done) > len(groups) or (resume is None) != (len(done) == len(groups)):
+                    raise ValueError(f"{len(done)} finished run(s) of {len(groups)}")
+                bar.update(int(state["bar"]))
+        saved_done = [outcome.state_dict() for outcome in done]
+
+        def save(run_state, force=False):
+            checkpoint.save({"done": saved_done, "run": run_state, "bar": bar.n}, force=force)
+
+        for rows in groups[len(done):]:
+            part = data if rows is None else data.select(rows)
+            part_init = init if rows is None else slice_rows(init, rows)
+            part_targets = targets if rows is None else targets[rows]
+            outcome = self._optimise(model, part, part_init, part_targets, bar, resume,
+                                     save if checkpoint is not None else None, checkpoint)
+            resume = None
+            done.append(outcome)
+            saved_done.append(outcome.state_dict())
+        if checkpoint is not None and not (state is not None and state.get("complete")):
+            checkpoint.save({"done": saved_done, "run": None, "bar": bar.n, "complete": True}, force=True)
         bar.close()
+        outcome = done[0] if cfg.batched else Outcome.cat(done)
         return self._finish(model, data, targets, sources, outcome, seed)
 
-    def _optimise(self, model, data: RowImages, init, targets, bar) -> Outcome:
+    def _optimise(self, model, data: RowImages, init, targets, bar, resume=None, save=None,
+                  checkpoint=None) -> Outcome:
         """Run the optimisation of all rows of `init` together (rows drop out
-        when they stop early)."""
+        when they stop early).
+
+        resume: a state ``save`` received earlier: continue after its step.
+        save(state): called after every completed step with everything the next
+        step reads (variables, Adam state, cost schedule, best tracker, last
+        trigger, early-stop and step counters, active rows, the step index).
+        """
         cfg = self.config
         device = targets.device
         k = targets.shape[0]
@@ -528,11 +595,23 @@ class TriggerOptimizer(Scanner):
                                 cfg.cost_down, cfg.cost_start_at_zero, device)
         best = BestTracker(k, device, self.best_criteria)
         last: dict[str, torch.Tensor] = {}
-        stale = torch.zeros(k, dtype=torch.long, device=device)
-        steps = torch.zeros(k, dtype=torch.long, device=device)
-        stopped_early = torch.zeros(k, dtype=torch.bool, device=device)
-        active = torch.ones(k, dtype=torch.bool, device=device)
-        for step in range(cfg.max_steps):
+        counters = {"stale": torch.zeros(k, dtype=torch.long, device=device),
+                    "steps": torch.zeros(k, dtype=torch.long, device=device),
+                    "stopped_early": torch.zeros(k, dtype=torch.bool, device=device),
+                    "active": torch.ones(k, dtype=torch.bool, device=device)}
+        stale, steps = counters["stale"], counters["steps"]
+        stopped_early, active = counters["stopped_early"], counters["active"]
+        first = 0
+        if resume is not None:
+            with checkpoint.restoring():
+                restore_into(params, resume["params"])
+                optimizer.load_state_dict(resume["optimizer"])
+                schedule.load_state_dict(resume["schedule"], device)
+                best.load_state_dict(resume["best"], device)
+                last = to_device(resume["last"], device)
+                restore_into(counters, resume)
+                first = int(resume["step"])
+        for step in range(first, cfg.max_steps):
             rows = active.nonzero().flatten()
             if rows.numel() == 0:
                 break
@@ -570,6 +649,10 @@ class TriggerOptimizer(Scanner):
             schedule.update(rows, asr)
             bar.update(1)
             bar.set_postfix(active=int(active.sum()), found=int(best.found.sum()))
+            if save is not None:
+                save({"params": {name: p.detach() for name, p in params.items()},
+                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                      "best": best.state_dict(), "last": last, **counters, "step": step + 1})
         return Outcome(best, last, steps, stopped_early)
 
     def _evaluate(self, model, data: RowImages, k: int, count) -> torch.Tensor:
@@ -608,15 +691,11 @@ class TriggerOptimizer(Scanner):
                           elapsed_s=0.0)
 
     def _verdict(self, per_row: list[ClassResult]) -> tuple[list[int], Anomaly]:
-        """MAD over the rows' statistics on `anomaly_side`; rows that never reached
-        the success threshold count for the median but are never flagged. The
-        flagged targets are those of the flagged rows (pairs list them in
+        """``mad_test`` over the rows' statistics on `anomaly_side`. The flagged
+        targets are those of the flagged rows (pairs list them in
         ``anomaly.details["flagged_pairs"]``)."""
-        statistics = [c.statistic for c in per_row]
-        flagged = mad_outliers(statistics, self.config.anomaly_threshold, self.anomaly_side,
-                               eligible=[c.converged for c in per_row])
-        anomaly = Anomaly(kind="mad", values=mad_anomaly_index(statistics).tolist(),
-                          threshold=self.config.anomaly_threshold, side=self.anomaly_side)
+        flagged, anomaly = mad_test([c.statistic for c in per_row], [c.converged for c in per_row],
+                                    self.config.anomaly_threshold, self.anomaly_side)
         if per_row[0].source is not None:
             anomaly.details["flagged_pairs"] = [[per_row[i].source, per_row[i].target] for i in flagged]
         return list(dict.fromkeys(per_row[i].target for i in flagged)), anomaly

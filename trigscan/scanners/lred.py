@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import restore_into
 from ..detect import gamma_order_pvalue
 from ..result import Anomaly, ClassResult, ScanResult
 from . import register
@@ -42,6 +43,7 @@ class LRED(Scanner):
     ``images_per_class`` images of each class (at least 2 each)."""
 
     needs_labels = True
+    resumable = True  # v, weights and counters saved after every step
     Config = LREDConfig
 
     def _scan(self, model, images, labels, classes, seed, show, checkpoint=None) -> ScanResult:
@@ -62,8 +64,17 @@ class LRED(Scanner):
         steps = torch.zeros(k, dtype=torch.long)
         reached = torch.zeros(k, dtype=torch.bool, device=device)
         final_q = torch.zeros(k, device=device)
+        # everything an iteration reads besides the fixed subset (re-drawn from the seed)
+        live = {"v": v, "weights": weights, "steps": steps, "reached": reached, "final_q": final_q}
         bar = progress_bar(cfg.max_steps, f"{self.name} ({k} classes)", show)
-        for step in range(cfg.max_steps + 1):
+        first, complete = 0, False
+        state = checkpoint.load() if checkpoint is not None else None
+        if state is not None:
+            with checkpoint.restoring():
+                restore_into(live, state)
+                first, complete = int(state["step"]), bool(state.get("complete"))
+            bar.update(first)
+        for step in range(first, cfg.max_steps + 1):  # a complete state starts past the end
             rows = (~reached).nonzero().flatten()
             if rows.numel() == 0:
                 break
@@ -86,11 +97,15 @@ class LRED(Scanner):
             objective = ((log_p.squeeze(2) @ members) * weights[rows]).sum()
             (grad,) = torch.autograd.grad(objective, delta)
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            live = ~done
-            v[rows[live]] = (delta.detach() + cfg.delta * grad / norm)[live]
-            steps[rows[live].cpu()] += 1
+            moving = ~done
+            v[rows[moving]] = (delta.detach() + cfg.delta * grad / norm)[moving]
+            steps[rows[moving].cpu()] += 1
             bar.update(1)
             bar.set_postfix(found=int(reached.sum()))
+            if checkpoint is not None:
+                checkpoint.save({**live, "step": step + 1})
+        if checkpoint is not None and not complete:
+            checkpoint.save({**live, "step": cfg.max_steps + 1, "complete": True}, force=True)
         bar.close()
 
         norms = v.flatten(1).norm(dim=1).clamp_min(cfg.delta)  # v = 0 only if Q >= pi at once

@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..detect import mad_anomaly_index, mad_outliers
-from ..result import Anomaly
 from ..reference import pixel_perturbation
 from . import register
 from .base import OptimizerConfig, RowImages, TriggerOptimizer, stamped_logits, target_ce, target_hits
+from .verdict import mad_test
 
 
 @dataclasses.dataclass
@@ -194,9 +193,6 @@ class PixelBackdoor(TriggerOptimizer):
             ok = [c.statistic for c in rows if c.converged]
             column.append(float(np.median(ok if ok else [c.statistic for c in rows])))
             converged.append(bool(ok))
-        threshold = self.config.anomaly_threshold
-        flagged = mad_outliers(column, threshold, "low", eligible=converged)
-        anomaly = Anomaly(kind="mad", values=mad_anomaly_index(column).tolist(), threshold=threshold,
-                          side="low", details={"verdict": "targets", "targets": targets,
-                                               "target_statistics": column})
+        flagged, anomaly = mad_test(column, converged, self.config.anomaly_threshold, "low",
+                                    verdict="targets", targets=targets, target_statistics=column)
         return [targets[i] for i in flagged], anomaly
