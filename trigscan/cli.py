@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _run_zoo_build(args) -> int:
@@ -86,6 +87,101 @@ def add_zoo(subparsers) -> None:
     e.set_defaults(func=_run_zoo_eval)
 
 
+EXIT_CLEAN, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_BACKDOORED = 0, 1, 2, 10
+
+
+def _class_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class indices (e.g. 0 3 7 or 0,3,7), got {text!r}") from None
+
+
+def _run_scan(args) -> int:
+    from .runner import run_scan
+
+    jsonl = args.log == "jsonl"
+    human = not (jsonl or args.quiet)
+
+    def log(event: dict) -> None:
+        if jsonl:
+            print(json.dumps(event), flush=True)
+        elif human and event["event"] == "method_reused":
+            print(f"{event['method']}: finished earlier, read back from {args.out}", file=sys.stderr)
+        elif human and event["event"] == "method_done":
+            print(f"{event['method']}: {_verdict_text(event)} ({event['elapsed_s']:.1f} s)", file=sys.stderr)
+
+    classes = None if args.classes is None else [c for group in args.classes for c in group]
+    report = run_scan(args.model, args.data, args.method, args.out, weights=args.weights, seed=args.seed,
+                      classes=classes, device=args.device, budget=args.budget, normalize=args.normalize,
+                      options=args.option, progress=False if not human else None, log=log)
+    if not jsonl:
+        print(format_table(report))
+        print(f"report: {Path(args.out) / 'report.html'} (and report.json)")
+    return EXIT_BACKDOORED if report["backdoored"] else EXIT_CLEAN
+
+
+def _verdict_text(entry: dict) -> str:
+    return f"BACKDOORED, target(s) {', '.join(map(str, entry['targets']))}" if entry["backdoored"] else "clean"
+
+
+def format_table(report: dict) -> str:
+    """The final table: one line per method."""
+    rows = [("method", "verdict", "targets", "test", "time")]
+    for e in report["results"]:
+        a = e["anomaly"]
+        if a["kind"] == "gamma":
+            test = f"p = {a['p_value']:.2g} (flag < {a['threshold']:g})"
+        else:
+            finite = [v for v in a["values"] if isinstance(v, (int, float))]
+            top = max(finite) if finite else float("nan")
+            test = f"max anomaly index {top:.2f} (flag > {a['threshold']:g})"
+        targets = ", ".join(map(str, e["targets"])) or "-"
+        rows.append((e["method"], "BACKDOORED" if e["backdoored"] else "clean", targets, test,
+                     f"{e['elapsed_s']:.1f} s" + (" (partial)" if e.get("partial") else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def add_scan(subparsers, common) -> None:
+    s = subparsers.add_parser(
+        "scan", parents=[common], help="scan a model for backdoors and write a report",
+        description="Scan MODEL with one or more methods and write DIR/report.json, report.html and "
+                    "trigger images. Exit code: 0 clean, 10 backdoored (any method), 2 bad input, "
+                    "1 other errors. Re-running the same command with the same --out resumes.")
+    s.add_argument("model", metavar="MODEL",
+                   help="TorchScript file (white-box), ONNX file (black-box, ONNX Runtime), or "
+                        "package.module:factory with --weights")
+    s.add_argument("--data", metavar="DATA", help=".npz with x [N,C,H,W] (and y) or a folder of class "
+                                                   "subfolders; not needed for b3d-ss")
+    s.add_argument("--method", action="append", required=True, metavar="M",
+                   help="scanner (repeatable): " + ", ".join(_method_names()))
+    s.add_argument("--out", default="trigscan-report", metavar="DIR",
+                   help="report folder (default ./trigscan-report); the same DIR resumes")
+    s.add_argument("--weights", metavar="FILE", help="state_dict for MODEL=package.module:factory "
+                                                     "(read with torch.load(weights_only=True))")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--classes", type=_class_list, nargs="+", metavar="C",
+                   help="candidate target classes (default all)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (white-box models)")
+    s.add_argument("--budget", type=int, metavar="N", help="query budget per black-box method (images sent)")
+    s.add_argument("--normalize", metavar="MEAN,STD",
+                   help="normalisation the model expects on [0,1] images: MEAN,STD or C means then C stds")
+    s.add_argument("--option", action="append", default=[], metavar="[M.]KEY=VALUE",
+                   help="method option, checked against the method's Config (repeatable), "
+                        "e.g. --option max_steps=200 --option lred.images_per_class=4")
+    s.add_argument("--quiet", action="store_true", help="no progress bars; only the final table")
+    s.add_argument("--log", choices=("text", "jsonl"), default="text",
+                   help="jsonl: one JSON event per line on stdout (progress, results), nothing else")
+    s.set_defaults(func=_run_scan)
+
+
+def _method_names() -> list[str]:
+    from . import scanners
+
+    return scanners.available()
+
+
 def _run_demo(args) -> int:
     from .demo import run_demo
 
@@ -93,8 +189,8 @@ def _run_demo(args) -> int:
     return 0
 
 
-def add_demo(subparsers) -> None:
-    d = subparsers.add_parser("demo", help="scan a backdoored and a clean model built from embedded data")
+def add_demo(subparsers, common) -> None:
+    d = subparsers.add_parser("demo", parents=[common], help="scan a backdoored and a clean model built from embedded data")
     d.add_argument("--cache", help="where the demo models are built once and reused "
                                    "(default $TRIGSCAN_CACHE or ~/.cache/trigscan/demo)")
     d.add_argument("--seed", type=int, default=0)
@@ -122,8 +218,8 @@ def _run_info(args) -> int:
     return 0
 
 
-def add_info(subparsers) -> None:
-    i = subparsers.add_parser("info", help="what was built: CUDA or not, ops and their kernels, scanners")
+def add_info(subparsers, common) -> None:
+    i = subparsers.add_parser("info", parents=[common], help="what was built: CUDA or not, ops and their kernels, scanners")
     i.add_argument("--json", action="store_true", help="print build_info() as JSON")
     i.set_defaults(func=_run_info)
 
@@ -133,22 +229,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="trigscan", description="Backdoor scanning for image classifiers.")
     parser.add_argument("--version", action="version", version=f"trigscan {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # accepted after the subcommand too (SUPPRESS: absent there, the top-level value stays)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_demo(subparsers)
-    add_info(subparsers)
+    add_scan(subparsers, common)
+    add_demo(subparsers, common)
+    add_info(subparsers, common)
     add_zoo(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 clean (or success), 10 backdoored, 2 bad input, 1 other errors, 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in zoo.json
     try:
         return args.func(args)
     except ValueError as exc:  # bad input: one clear line, no traceback
-        print(f"trigscan: error: {exc}", file=sys.stderr)
-        return 2
+        if args.debug:
+            raise
+        print(f"trigscan: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("trigscan: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (any other failure: one line, traceback with --debug)
+        if args.debug:
+            raise
+        print(f"trigscan: error: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":
