@@ -226,6 +226,7 @@ def add_info(subparsers, common) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .manyscan import add_scan_many
 
     parser = argparse.ArgumentParser(prog="trigscan", description="Backdoor scanning for image classifiers.")
     parser.add_argument("--version", action="version", version=f"trigscan {__version__}")
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_scan(subparsers, common)
+    add_scan_many(subparsers, common)
     add_demo(subparsers, common)
     add_info(subparsers, common)
     add_zoo(subparsers)

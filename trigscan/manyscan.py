@@ -599,8 +599,8 @@ def write_summary(root, summary: dict) -> None:
 # ---------------------------------------------------------------------------
 # The command line (registered in trigscan.cli)
 # ---------------------------------------------------------------------------
-def add_scan_many(subparsers) -> None:
-    p = subparsers.add_parser("scan-many", help="scan many models (a manifest or a zoo folder), in-process or on Ray")
+def add_scan_many(subparsers, common) -> None:
+    p = subparsers.add_parser("scan-many", parents=[common], help="scan many models (a manifest or a zoo folder), in-process or on Ray")
     p.add_argument("manifest", metavar="MANIFEST", help="JSON manifest of models, or a built zoo folder")
     p.add_argument("--out", required=True, metavar="DIR", help="one scan folder per task, plus summary.{json,csv,txt}")
     p.add_argument("--method", action="append", metavar="M", help="scanner name (repeatable); overrides the "
