@@ -11,7 +11,7 @@ from ._extension import build_info, has_ops
 
 if has_ops():
     from . import ops  # noqa: F401  (registers fake kernels and autograd)
-    from .scanners import b3d, lred, nc, pixel, tabor  # noqa: F401  (registers the scanners)
+    from .scanners import b3d, dtinspector, lred, nc, pixel, tabor  # noqa: F401  (registers the scanners)
 
 from .api import load_model, scan
 from .result import ScanResult

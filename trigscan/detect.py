@@ -20,9 +20,12 @@ def true_median(values) -> float:
     return float(v[mid]) if v.size % 2 else float((v[mid - 1] + v[mid]) / 2)
 
 
-def mad_anomaly_index(values) -> np.ndarray:
-    """A_k = |s_k - median| / (1.4826 * median(|s - median|)).
+def mad_anomaly_index(values, min_mad: float = 0.0) -> np.ndarray:
+    """A_k = |s_k - median| / (1.4826 * max(median(|s - median|), min_mad)).
 
+    min_mad: a floor on the median absolute deviation, for statistics with a
+    resolution (DTInspector's ratios are counts out of K: a deviation below
+    1/K is no agreement finer than one sample).
     MAD = 0 guard: when more than half of the values are equal, MAD is 0; the
     values equal to the median then get index 0 and any other value +inf (it
     stands out from an exactly-agreeing majority). All equal -> all 0.
@@ -34,13 +37,14 @@ def mad_anomaly_index(values) -> np.ndarray:
         raise ValueError("values: statistics must be finite")
     med = true_median(s)
     deviation = np.abs(s - med)
-    mad = MAD_CONSISTENCY * true_median(deviation)
+    mad = MAD_CONSISTENCY * max(true_median(deviation), min_mad)
     if mad == 0:
         return np.where(deviation == 0, 0.0, math.inf)
     return deviation / mad
 
 
-def mad_outliers(values, threshold: float = 2.0, side: str = "low", eligible=None) -> list[int]:
+def mad_outliers(values, threshold: float = 2.0, side: str = "low", eligible=None,
+                 min_mad: float = 0.0) -> list[int]:
     """Indices whose anomaly index exceeds `threshold` on `side` of the median.
 
     side: "low" (small statistics are suspicious, e.g. trigger size), "high", or
@@ -51,7 +55,7 @@ def mad_outliers(values, threshold: float = 2.0, side: str = "low", eligible=Non
     if side not in ("low", "high", "both"):
         raise ValueError(f"side: expected 'low', 'high' or 'both', got {side!r}")
     s = np.asarray(values, dtype=np.float64)
-    index = mad_anomaly_index(s)
+    index = mad_anomaly_index(s, min_mad)
     med = true_median(s)
     on_side = {"low": s < med, "high": s > med, "both": np.ones_like(s, dtype=bool)}[side]
     flagged = on_side & (index > threshold)

@@ -34,12 +34,13 @@ def zoo_models(directory) -> list[tuple[Path, dict]]:
     return [(found[n], json.loads((found[n] / "truth.json").read_text())) for n in order]
 
 
-def scan_inputs(folder: Path, needs_labels: bool, n_images: int, seed: int):
+def scan_inputs(folder: Path, training_set: bool, n_images: int, seed: int):
     """Scan images and labels: a fixed, class-balanced subset of the clean test set,
-    or the whole (poisoned) training set for scanners that need labelled data."""
-    arrays = read_npz(folder / ("train.npz" if needs_labels else "test.npz"))
+    or the whole (poisoned) training set with its labels for scanners that need
+    labelled data (``needs_labels``) or inspect the training set (``uses_training_set``)."""
+    arrays = read_npz(folder / ("train.npz" if training_set else "test.npz"))
     x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
-    if needs_labels:
+    if training_set:
         return x, y
     idx = torch.from_numpy(balanced_subset(y.numpy(), n_images, seed))
     return x[idx], y[idx]
@@ -120,7 +121,8 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
                    "targets": truth["targets"], "verdict": None, "found": [], "correct": False, "error": None}
             t0 = time.perf_counter()
             try:
-                images, labels = scan_inputs(folder, getattr(cls, "needs_labels", False), n_images, seed)
+                training_set = getattr(cls, "needs_labels", False) or getattr(cls, "uses_training_set", False)
+                images, labels = scan_inputs(folder, training_set, n_images, seed)
                 model = open_model(folder, getattr(cls, "access", "white"), m)
                 result = scanner.scan(model, images, labels, seed=seed)
                 row["verdict"] = bool(result.backdoored)
