@@ -1,11 +1,19 @@
 """B3D / B3D-SS through query-only models: query accounting, budgets,
-reproducibility, and the black-box boundary."""
+reproducibility, resume, and the black-box boundary."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 import trigscan
 from trigscan.data import read_npz
-from trigscan.models import QueryModel
+from trigscan.models import QueryModel, load_onnx
 
 TINY = dict(k=4, batch_size=4, max_steps=3, synthetic_samples=8)
 
@@ -98,3 +106,122 @@ def test_a_model_returning_too_few_classes_is_rejected(onnx_model_and_images):
                        retries=0)
     with pytest.raises(trigscan.models.ModelError, match="5 classes"):
         trigscan.scan(model, x, method="b3d", **tiny("b3d"))
+
+
+# ---------------------------------------------------------------------------
+# Resume: a B3D scan killed with SIGKILL continues bitwise where it stopped
+# ---------------------------------------------------------------------------
+RESUME = dict(k=4, batch_size=4, max_steps=12, patience=2)
+PER_ITERATION = 3 * (2 * RESUME["k"] + 1) * RESUME["batch_size"]  # 3 classes
+
+CHILD = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+import trigscan
+from trigscan import checkpoint as ck
+from trigscan.data import read_npz
+from trigscan.models import QueryModel
+
+args = json.loads(sys.argv[1])
+inner = trigscan.load_model(args["model"])
+received = [0]
+
+def oracle(x):
+    received[0] += x.shape[0]
+    return inner.fn(x)
+
+model = QueryModel(oracle, inner.num_classes, inner.input_shape, outputs="logits")
+original = ck.Checkpoint.save
+
+def save(self, state, **kw):
+    time.sleep(args["delay"])  # slow iterations, so that the parent can kill the scan mid-way
+    return original(self, state, **kw)
+
+ck.Checkpoint.save = save
+x = None if args["method"] == "b3d-ss" else torch.as_tensor(read_npz(args["data"])["x"])[:16]
+result = trigscan.scan(model, x, method=args["method"], seed=3, classes=[0, 1, 2],
+                       checkpoint=args["checkpoint"], progress=False, **args["options"])
+torch.save({"per_class": [c.to_dict() for c in result.per_class],
+            "triggers": [c.trigger for c in result.per_class], "anomaly": result.anomaly.values,
+            "queries": result.queries, "received": received[0], "notes": result.notes}, args["out"])
+"""
+
+
+def run_child(folder, method, out, checkpoint=None, delay=0.0, kill_after_step=None):
+    """Run one scan in a child process (one thread); with kill_after_step,
+    SIGKILL it once its checkpoint holds at least that many iterations."""
+    options = dict(RESUME, **({"synthetic_samples": 8} if method == "b3d-ss" else {}))
+    args = {"model": str(folder / "model.onnx"), "data": str(folder / "test.npz"), "method": method,
+            "options": options, "checkpoint": None if checkpoint is None else str(checkpoint),
+            "out": str(out), "delay": delay}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kill_after_step is None:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        return torch.load(out, weights_only=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoint.exists() and saved_state(checkpoint)["step"] >= kill_after_step:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the scan ended before it could be killed: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def saved_state(path):
+    return torch.load(path, weights_only=True)["state"]
+
+
+@pytest.mark.parametrize("method", ["b3d", "b3d-ss"])
+def test_a_killed_scan_resumes_bitwise_with_the_right_query_count(onnx_model_and_images, tmp_path,
+                                                                     method):
+    path, _ = onnx_model_and_images
+    folder = path.parent
+    whole = run_child(folder, method, tmp_path / "whole.pt")
+    assert whole["queries"] == whole["received"] == RESUME["max_steps"] * PER_ITERATION
+
+    checkpoint = tmp_path / "scan.ckpt"
+    run_child(folder, method, tmp_path / "killed.pt", checkpoint, delay=0.3, kill_after_step=4)
+    state = saved_state(checkpoint)
+    done = state["step"]
+    assert 4 <= done < RESUME["max_steps"] and not state.get("complete")
+    assert state["queries_used"] == done * PER_ITERATION
+
+    resumed = run_child(folder, method, tmp_path / "resumed.pt", checkpoint)
+    assert any(f"resumed at iteration {done}" in note for note in resumed["notes"])
+    assert resumed["per_class"] == whole["per_class"] and resumed["anomaly"] == whole["anomaly"]
+    for a, b in zip(resumed["triggers"], whole["triggers"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # queries before the kill (as saved) + the ones this run sent = the whole scan's
+    assert resumed["received"] == whole["queries"] - done * PER_ITERATION
+    assert resumed["queries"] == whole["queries"]
+    assert saved_state(checkpoint)["complete"]
+
+    again = run_child(folder, method, tmp_path / "again.pt", checkpoint)  # complete: no query
+    assert again["received"] == 0 and again["queries"] == whole["queries"]
+    assert again["per_class"] == whole["per_class"]
+
+
+def test_a_scan_stopped_by_its_budget_continues_with_a_new_budget(onnx_model_and_images, tmp_path):
+    path, x = onnx_model_and_images
+    checkpoint = tmp_path / "scan.ckpt"
+    options = dict(RESUME, max_steps=6)
+    whole = trigscan.scan(trigscan.load_model(path), x, method="b3d", seed=1, classes=[0, 1, 2],
+                          **options)
+    first = load_onnx(path, budget=2 * PER_ITERATION + 50)  # stops in iteration 3
+    part = trigscan.scan(first, x, method="b3d", seed=1, classes=[0, 1, 2], checkpoint=checkpoint,
+                         **options)
+    assert part.partial and saved_state(checkpoint)["step"] == 2
+    model, oracle = counted(path)
+    rest = trigscan.scan(model, x, method="b3d", seed=1, classes=[0, 1, 2], checkpoint=checkpoint,
+                         **options)
+    assert not rest.partial and oracle.received == 4 * PER_ITERATION
+    assert rest.queries == whole.queries == 6 * PER_ITERATION
+    assert [c.to_dict() for c in rest.per_class] == [c.to_dict() for c in whole.per_class]
