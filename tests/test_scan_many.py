@@ -224,6 +224,10 @@ def test_class_groups_merge_into_one_verdict(entries, tmp_path):
 
     with pytest.raises(ValueError, match="--class-groups 6: model .* has 10 candidate classes"):
         manyscan.plan_tasks([entry], methods=["nc"], class_groups=6)
+    with pytest.raises(ValueError, match="method 'pixel' cannot be split by classes: in pair mode"):
+        manyscan.plan_tasks([entry], methods=["pixel"], options={"pixel": {"mode": "pair"}}, class_groups=2)
+    with pytest.raises(ValueError, match="method 'lred' cannot be split by classes"):
+        manyscan.plan_tasks([entry], methods=["lred"], class_groups=2)
     with pytest.raises(ValueError, match="--class-groups: model 'x' needs 'classes' or 'num_classes'"):
         manyscan.plan_tasks([{"name": "x", "model": entry["model"]}], methods=["nc"], class_groups=2)
 

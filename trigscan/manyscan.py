@@ -179,6 +179,22 @@ def _split(classes: list[int], groups: int, where: str) -> list[list[int]]:
     return out
 
 
+def _unsplittable(cls, options: dict) -> str | None:
+    """Why a method's scan cannot be split into class groups (None: it can).
+    A split needs rows that are single candidate classes, each optimised
+    independently of the others, and a verdict over the rows alone: the
+    trigger-optimiser driver as it is (NC, TABOR, PixelBackdoor universal)."""
+    from .scanners.base import TriggerOptimizer
+
+    if not issubclass(cls, TriggerOptimizer):
+        return "its classes are not independent rows of the trigger optimiser"
+    if cls._scan is not TriggerOptimizer._scan:
+        return "it adds its own steps around the optimiser (rows depend on the whole class set)"
+    if getattr(cls(**options).config, "mode", "universal") != "universal":
+        return "in pair mode its rows are (source, target) pairs, and a split would lose the pairs across groups"
+    return None
+
+
 def plan_tasks(entries: list[dict], *, defaults: dict | None = None, methods=None, options=None, seed=None,
                class_groups: int | None = None, device: str = "cpu", threads: int = 1) -> list[dict]:
     """The tasks (plain dicts) of a run, one per (entry, method[, class group]).
@@ -244,9 +260,9 @@ def plan_tasks(entries: list[dict], *, defaults: dict | None = None, methods=Non
             if not class_groups:
                 tasks.append(task)
                 continue
-            if not hasattr(cls, "_verdict"):
-                raise ValueError(f"--class-groups: method {method!r} has no per-class verdict to merge groups with "
-                                 "(supported: the white-box optimisers and DTInspector)")
+            why = _unsplittable(cls, merged[method])
+            if why:
+                raise ValueError(f"--class-groups: method {method!r} cannot be split by classes: {why}")
             candidates = classes if classes is not None else value("num_classes")
             if candidates is None:
                 raise ValueError(f"--class-groups: model {name!r} needs 'classes' or 'num_classes' in the manifest")
