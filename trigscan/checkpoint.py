@@ -62,8 +62,19 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d: reshape first
     return h.hexdigest()
+
+
+def module_digest(module) -> str | None:
+    """sha256 of a torch module's named parameters and buffers: identifies a
+    white-box model. None for anything else (a query-only model has no weights
+    to read)."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    state = module.state_dict()
+    names = sorted(state)
+    return tensor_digest(*(state[n] for n in names)) + ":" + hashlib.sha256("\0".join(names).encode()).hexdigest()[:16]
 
 
 def _plain(value: Any) -> Any:
@@ -97,8 +108,10 @@ class Checkpoint:
             return None
         try:
             blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign file
-            raise CheckpointMismatch(f"checkpoint {self.path}: unreadable ({e}); delete it to start over") from None
+        except Exception:  # truncated, damaged or foreign file
+            # (torch's own message for a refused pickle suggests weights_only=False: not for untrusted files)
+            raise CheckpointMismatch(f"checkpoint {self.path}: unreadable (truncated, damaged, or holding more "
+                                     "than tensors and plain data); delete it to start over") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get("state"), dict):
             raise CheckpointMismatch(f"checkpoint {self.path}: not a trigscan checkpoint; delete it to start over")
         if blob.get("fingerprint") != self.fingerprint:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpoint, load_fields, restore_into, tensor_digest, tensor_fields, to_device
+from ..checkpoint import (Checkpoint, load_fields, module_digest, restore_into, tensor_digest, tensor_fields,
+                          to_device)
 from ..models import as_white_box
 from ..result import Anomaly, ClassResult, ScanResult
 from .verdict import mad_test
@@ -136,16 +137,21 @@ class Scanner:
                 raise ValueError(f"checkpoint: method {self.name!r} cannot resume a scan yet")
             options = {"min_interval": checkpoint.min_interval} if isinstance(checkpoint, Checkpoint) else {}
             path = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
-            checkpoint = Checkpoint(path, self.fingerprint(images, labels, seed, classes), **options)
+            fingerprint = self.fingerprint(images, labels, seed, classes, model)
+            checkpoint = Checkpoint(path, fingerprint, **options)
         started = time.perf_counter()
         result = self._scan(model, images, labels, classes, seed, show, checkpoint)
         result.elapsed_s = time.perf_counter() - started
         return result
 
-    def fingerprint(self, images, labels, seed, classes) -> dict:
-        """What identifies a scan for its checkpoint: method, options, seed, classes, data."""
+    def fingerprint(self, images, labels, seed, classes, model=None) -> dict:
+        """What identifies a scan for its checkpoint: method, options, seed,
+        classes, data and (white-box) the model's weights. A query-only model
+        has no weights to read: its identity is the caller's business (the
+        CLI keeps one output folder per model)."""
         return {"method": self.name, "config": self.get_params(), "seed": seed,
-                "classes": classes, "data": tensor_digest(images, labels)}
+                "classes": classes, "data": tensor_digest(images, labels),
+                "model": module_digest(model)}
 
     def _scan(self, model, images, labels, classes, seed, progress, checkpoint) -> ScanResult:
         """checkpoint: None or a trigscan.checkpoint.Checkpoint to load() once and save() per step."""
