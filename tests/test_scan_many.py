@@ -302,3 +302,38 @@ def test_failing_task_is_reported_and_run_again(entries, tmp_path):
     again = manyscan.scan_many([broken, entries[1]], tmp_path / "out", methods=["nc"], options={"nc": OPTIONS["nc"]},
                                scan_fn=counting, log=lambda line: None)
     assert ran == ["broken"] and again["rows"][0]["error"] == "broken/nc: RuntimeError: still broken"
+
+
+def test_resource_requests_follow_the_device(entries):
+    assert manyscan.choose_device("auto", 0, None) == ("cpu", 0.0)
+    assert manyscan.choose_device("auto", 4, None) == ("cuda", 1.0)
+    assert manyscan.choose_device("auto", 4, 0.5) == ("cuda", 0.5)
+    assert manyscan.choose_device("cpu", 4, None) == ("cpu", 0.0)
+    with pytest.raises(ValueError, match="--device cuda: no GPU"):
+        manyscan.choose_device("cuda", 0, None)
+    with pytest.raises(ValueError, match="--gpus-per-task: CUDA tasks need a GPU share > 0"):
+        manyscan.choose_device("cuda", 2, 0)
+    # white-box tasks go to the GPU with their share; ONNX (black-box) ones stay on the CPU
+    tasks = manyscan.plan_tasks(entries[:1], methods=["nc", "b3d"], device="cuda", threads=2)
+    assert [(t["method"], t["device"], t["model"].rsplit(".", 1)[1]) for t in tasks] == [
+        ("nc", "cuda", "pt"), ("b3d", "cpu", "onnx")]
+    assert [manyscan.task_resources(t, 0.5) for t in tasks] == [{"num_cpus": 2, "num_gpus": 0.5},
+                                                               {"num_cpus": 2, "num_gpus": 0}]
+
+
+def test_command_line(entries, tmp_path, capsys):
+    from trigscan.cli import main
+
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"defaults": {"options": {"nc": OPTIONS["nc"]}}, "models": entries[2:3]}))
+    assert main(["scan-many", str(manifest), "--out", str(tmp_path / "out"), "--method", "nc"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (row,) = summary["rows"]
+    assert row["status"] == "done" and f"[1/1] {entries[2]['name']}/nc:" in printed
+    assert (tmp_path / "out" / "summary.txt").read_text().strip() in printed
+    assert main(["scan-many", str(tmp_path / "none.json"), "--out", str(tmp_path / "o2")]) == 2
+    assert "MANIFEST: no such file" in capsys.readouterr().err
+    assert main(["scan-many", str(manifest), "--out", str(tmp_path / "o3"), "--method", "nc",
+                 "--class-groups", "1"]) == 2
+    assert "--class-groups: expected an integer >= 2" in capsys.readouterr().err

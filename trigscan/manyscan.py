@@ -377,12 +377,30 @@ def _ray_init(address: str, workers: int | None):
     return ray, True
 
 
+def choose_device(device: str, gpus: float, gpus_per_task: float | None) -> tuple[str, float]:
+    """(device, GPUs per task) from --device, the GPUs there are (the Ray
+    cluster's, or this machine's in-process) and --gpus-per-task."""
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise ValueError("--device cuda: no GPU in the Ray cluster (or on this machine in-process)")
+    if gpus_per_task is None:
+        gpus_per_task = 1.0 if device == "cuda" else 0.0
+    if device == "cuda" and not gpus_per_task > 0:
+        raise ValueError(f"--gpus-per-task: CUDA tasks need a GPU share > 0, got {gpus_per_task!r}")
+    return device, float(gpus_per_task)
+
+
+def task_resources(task: dict, gpus_per_task: float) -> dict:
+    """What a task asks Ray for: its threads as CPUs, and GPUs when it runs on CUDA."""
+    return {"num_cpus": task["threads"], "num_gpus": gpus_per_task if str(task["device"]).startswith("cuda") else 0}
+
+
 def _run_ray(ray, tasks, root, scan_fn, report, *, gpus_per_task, retries):
     remote = ray.remote(run_task)
     refs = {}
     for task in tasks:
-        gpus = gpus_per_task if str(task["device"]).startswith("cuda") else 0
-        ref = remote.options(num_cpus=task["threads"], num_gpus=gpus, max_retries=retries,
+        ref = remote.options(**task_resources(task, gpus_per_task), max_retries=retries,
                              retry_exceptions=False, name=task["id"]).remote(task, str(root), scan_fn)
         refs[ref] = task
     while refs:
@@ -424,16 +442,12 @@ def scan_many(entries: list[dict], out, *, defaults: dict | None = None, methods
                class_groups=class_groups, device="cpu", threads=cpus_per_task)  # before Ray starts
     ray_mod, started = _ray_init(ray, workers) if ray is not None else (None, False)
     try:
+        gpus = 0.0
         if device != "cpu":
             import torch
 
             gpus = ray_mod.cluster_resources().get("GPU", 0) if ray_mod else torch.cuda.device_count()
-            if device == "auto":
-                device = "cuda" if gpus > 0 else "cpu"
-        if gpus_per_task is None:
-            gpus_per_task = 1.0 if device == "cuda" else 0.0
-        if device == "cuda" and ray is not None and gpus_per_task <= 0:
-            raise ValueError("--gpus-per-task: CUDA tasks on Ray need a GPU share > 0")
+        device, gpus_per_task = choose_device(device, gpus, gpus_per_task)
         tasks = plan_tasks(entries, defaults=defaults, methods=methods, options=options, seed=seed,
                            class_groups=class_groups, device=device, threads=cpus_per_task)
         root.mkdir(parents=True, exist_ok=True)
