@@ -210,7 +210,8 @@ def test_class_groups_merge_into_one_verdict(entries, tmp_path):
                                  class_groups=2, log=lambda line: None)
     (row,) = summary["rows"]
     assert row["status"] == "done" and row["groups"] == 2
-    groups = [json.loads((tmp_path / "tasks" / entry["name"] / "nc" / f"group{k}" / "report.json").read_text())
+    assert row["report"] == f"tasks/{entry['name']}/nc.groups2/report.json"
+    groups = [json.loads((tmp_path / "tasks" / entry["name"] / "nc.groups2" / f"group{k}" / "report.json").read_text())
               for k in range(2)]
     assert [[c["class"] for c in g["results"][0]["per_class"]] for g in groups] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     merged = json.loads((tmp_path / row["report"]).read_text())["results"][0]
@@ -221,6 +222,14 @@ def test_class_groups_merge_into_one_verdict(entries, tmp_path):
                      steps=c["steps"]) for c in rows])
     assert merged["targets"] == targets == row["targets"] and merged["anomaly"]["values"] == anomaly.values
     assert row["backdoored"] == bool(targets)
+    assert [g["report"] for g in merged["groups"]] == [f"tasks/{entry['name']}/nc.groups2/group{k}/report.json"
+                                                        for k in range(2)]
+    # the unsplit scan of the same model has its own folder: neither overwrites the other
+    whole = manyscan.scan_many([entry], tmp_path, methods=["nc"], options={"nc": OPTIONS["nc"]}, log=lambda line: None)
+    assert whole["rows"][0]["report"] == f"tasks/{entry['name']}/nc/report.json"
+    again = manyscan.scan_many([entry], tmp_path, methods=["nc"], options={"nc": OPTIONS["nc"]}, class_groups=2,
+                               log=lambda line: None)
+    assert again["run"]["ran"] == 0 and again["rows"][0]["targets"] == row["targets"]
 
     with pytest.raises(ValueError, match="--class-groups 6: model .* has 10 candidate classes"):
         manyscan.plan_tasks([entry], methods=["nc"], class_groups=6)

@@ -30,8 +30,9 @@ The output folder DIR::
         task.json                    the task, written when it starts
         done.json                    written after report.json: the task is finished
         error.json                   the task failed; a re-run tries it again
-    tasks/<model>/<method>/group<k>/ with class groups: one scan folder per group;
-                                     <model>/<method>/report.json is then the merged result
+    tasks/<model>/<method>.groups<K>/group<k>/  with K class groups: one scan folder
+                                     per group, and the merged result in
+                                     tasks/<model>/<method>.groups<K>/report.json
     summary.json, summary.csv, summary.txt
 
 Fault tolerance: each task's result is on disk as soon as it finishes and a
@@ -140,7 +141,7 @@ def load_manifest(path) -> tuple[list[dict], dict]:
 def zoo_entries(zoo_dir, data_dir, *, n_images: int = 100, seed: int = 0) -> list[dict]:
     """Manifest entries for a built zoo, scanned as ``trigscan zoo eval`` scans it:
     the same class-balanced subset of each model's clean test images (written
-    once to `data_dir`), the training set for methods that read it, the ONNX
+    to `data_dir`), the training set for methods that read it, the ONNX
     file for black-box methods, and the truth for scoring."""
     from .data import save_npz
     from .zoo.evaluate import scan_inputs, zoo_models
@@ -152,9 +153,8 @@ def zoo_entries(zoo_dir, data_dir, *, n_images: int = 100, seed: int = 0) -> lis
     entries = []
     for folder, truth in zoo_models(zoo_dir):
         subset = data_dir / f"{truth['name']}-test{n_images}-seed{seed}.npz"
-        if not subset.is_file():
-            x, y = scan_inputs(folder, False, n_images, seed)
-            save_npz(subset, x=x, y=y)
+        x, y = scan_inputs(folder, False, n_images, seed)
+        save_npz(subset, x=x, y=y)  # same arrays, same bytes: rewriting is harmless, and follows a rebuilt zoo
         entries.append({"name": truth["name"], "model": str(folder / "model.pt"), "onnx": str(folder / "model.onnx"),
                         "data": str(subset), "train_data": str(folder / "train.npz"), "seed": seed,
                         "num_classes": truth.get("classes"),
@@ -268,8 +268,8 @@ def plan_tasks(entries: list[dict], *, defaults: dict | None = None, methods=Non
                 raise ValueError(f"--class-groups: model {name!r} needs 'classes' or 'num_classes' in the manifest")
             candidates = list(range(candidates)) if isinstance(candidates, int) else [int(c) for c in candidates]
             for k, group in enumerate(_split(candidates, class_groups, f"model {name!r}")):
-                tasks.append({**task, "id": f"{name}/{method}/group{k}", "classes": group, "group": k,
-                              "groups": class_groups})
+                tasks.append({**task, "id": f"{name}/{method}.groups{class_groups}/group{k}", "classes": group,
+                              "group": k, "groups": class_groups})
     return tasks
 
 
@@ -495,7 +495,7 @@ def verdict_correct(truth: dict, backdoored: bool, found) -> bool:
 def merge_groups(root, tasks: list[dict]) -> dict:
     """One method's report over all class groups of a model: the groups'
     per-class rows in class order and the method's verdict taken over all of
-    them (written to tasks/<model>/<method>/report.json)."""
+    them (written to tasks/<model>/<method>.groups<K>/report.json)."""
     from . import scanners
     from .result import ClassResult
 
@@ -511,11 +511,11 @@ def merge_groups(root, tasks: list[dict]) -> dict:
     merged = {"method": tasks[0]["method"], "backdoored": bool(targets), "targets": [int(t) for t in targets],
               "per_class": rows, "anomaly": anomaly.to_dict(), "config": entries[0].get("config"),
               "seed": entries[0].get("seed"), "elapsed_s": sum(e.get("elapsed_s") or 0 for e in entries),
-              "groups": [{"classes": t["classes"], "report": str(Path(t["id"]) / "report.json"),
+              "groups": [{"classes": t["classes"], "report": f"tasks/{t['id']}/report.json",
                           "backdoored": e["backdoored"], "targets": e["targets"]} for t, e in zip(tasks, entries)]}
     report = {"model": reports[0].get("model"), "data": reports[0].get("data"),
               "backdoored": merged["backdoored"], "targets": merged["targets"], "results": [merged]}
-    _write_json(root / "tasks" / tasks[0]["name"] / tasks[0]["method"] / "report.json", report)
+    _write_json(task_dir(root, tasks[0]).parent / "report.json", report)
     return merged
 
 
@@ -542,7 +542,7 @@ def summarize(root) -> dict:
         elif first["groups"]:
             merged = merge_groups(root, tasks)
             row.update(backdoored=merged["backdoored"], targets=merged["targets"], elapsed_s=merged["elapsed_s"],
-                       report=f"tasks/{unit}/report.json")
+                       report=f"tasks/{Path(tasks[0]['id']).parent}/report.json")
         else:
             row.update(backdoored=states[0]["backdoored"], targets=states[0]["targets"],
                        elapsed_s=states[0]["elapsed_s"], report=f"tasks/{unit}/report.json")
