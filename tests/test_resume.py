@@ -393,3 +393,95 @@ def test_methods_that_cannot_resume_say_so(inputs, tmp_path):
     for name in waiting:
         with pytest.raises(ValueError, match=f"checkpoint: method '{name}' cannot resume"):
             trigscan.scan(model, data["x"], data["y"], method=name, checkpoint=tmp_path / "x.pt")
+
+
+# ---------------------------------------------------------------------------
+# The command line: `trigscan scan` killed mid-scan and run again
+# ---------------------------------------------------------------------------
+# the real CLI entry point; the test slows its checkpoint saves (TRIGSCAN_TEST_SAVE_DELAY)
+# and records the steps of the states it saves (TRIGSCAN_TEST_SAVED)
+CLI = r"""
+import json, os, sys, time
+from trigscan import checkpoint as ck
+from trigscan.cli import main
+
+original = ck.Checkpoint.save
+delay = float(os.environ.get("TRIGSCAN_TEST_SAVE_DELAY", "0"))
+
+def save(self, state, **kw):
+    time.sleep(delay)
+    with open(os.environ["TRIGSCAN_TEST_SAVED"], "a") as f:
+        f.write(json.dumps([self.path.name, state.get("step", (state.get("run") or {}).get("step"))]) + "\n")
+    return original(self, state, **kw)
+
+ck.Checkpoint.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def without_elapsed(value):
+    if isinstance(value, dict):
+        return {k: without_elapsed(v) for k, v in value.items() if k != "elapsed_s"}
+    if isinstance(value, list):
+        return [without_elapsed(v) for v in value]
+    return value
+
+
+def test_cli_scan_killed_and_rerun_writes_the_same_report(inputs, tmp_path):
+    """NC then L-RED in one command, killed inside L-RED; the same command run
+    again reads NC's finished result back, resumes L-RED, and writes the
+    report.json of the uninterrupted command (elapsed times aside)."""
+    import numpy as np
+
+    data = torch.load(inputs / "data.pt", weights_only=True)
+    np.savez(tmp_path / "data.npz", x=data["x"].numpy(), y=data["y"].numpy())
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", CLI, "scan", str(inputs / "model.pt"), "--data", str(tmp_path / "data.npz"),
+               "--method", "nc", "--method", "lred", "--seed", "2", "--out", str(out), "--quiet"]
+    for name, value in CASES["nc"].items():
+        command += ["--option", f"nc.{name}={json.dumps(value)}"]
+    for name, value in CASES["lred"].items():
+        command += ["--option", f"lred.{name}={json.dumps(value)}"]
+
+    def run(out_dir, saved, delay=0.0):
+        env = {**child_env(), "TRIGSCAN_TEST_SAVED": str(saved), "TRIGSCAN_TEST_SAVE_DELAY": str(delay)}
+        argv = command[:command.index("--out") + 1] + [str(out_dir)] + command[command.index("--out") + 2:]
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = run(tmp_path / "whole", tmp_path / "whole.log")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 10), err[-3000:]
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())
+
+    proc = run(out, tmp_path / "killed.log", delay=0.1)
+    checkpoint = out / "checkpoints" / "lred.pt"
+    deadline = time.monotonic() + 300
+    try:
+        while not (checkpoint.exists() and saved_step(checkpoint)[0] >= (0, 8)):
+            assert proc.poll() is None, "the scan ended before it could be killed: " + proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no L-RED checkpoint before the timeout"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (out / "report.json").exists()
+    progress, complete = saved_step(checkpoint)
+    assert not complete
+
+    proc = run(out, tmp_path / "resumed.log")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == (10 if whole["backdoored"] else 0), err[-3000:]
+    saves = [json.loads(line) for line in (tmp_path / "resumed.log").read_text().splitlines()]
+    assert all(name == "lred.pt" for name, _ in saves)  # NC was not scanned again
+    assert saves[0][1] == progress[1] + 1  # L-RED continued after its last saved step
+    resumed = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in resumed["results"]] == ["nc", "lred"]
+    for key in ("model", "data", "scan", "backdoored", "targets", "results"):
+        assert without_elapsed(resumed[key]) == without_elapsed(whole[key]), key
+    assert without_elapsed(resumed) == without_elapsed(whole)
+    for method in ("nc", "lred"):  # the triggers, bitwise
+        with np.load(out / "triggers" / f"{method}.npz") as a, \
+                np.load(tmp_path / "whole" / "triggers" / f"{method}.npz") as b:
+            assert sorted(a.files) == sorted(b.files) and a.files
+            for key in a.files:
+                assert np.array_equal(a[key], b[key]), (method, key)
