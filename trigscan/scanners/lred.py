@@ -40,7 +40,9 @@ class LREDConfig:
 @register("lred")
 class LRED(Scanner):
     """L-RED. Needs labels (the clean images' classes); uses up to
-    ``images_per_class`` images of each class (at least 2 each)."""
+    ``images_per_class`` images of each class (at least 2 each). Resumable:
+    with a checkpoint, v, the source weights and the counters are saved after
+    every step (the image subset is drawn again from the seed)."""
 
     needs_labels = True
     resumable = True  # v, weights and counters saved after every step
