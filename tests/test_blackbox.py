@@ -93,11 +93,29 @@ def test_b3d_ss_needs_no_images(onnx_model_and_images):
         trigscan.scan(trigscan.load_model(path), torch.rand(4, 1, 24, 24), method="b3d-ss")
 
 
-def test_wrong_image_shape_for_the_onnx_model_is_a_clear_error(onnx_model_and_images):
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 24, 24)])
+def test_wrong_image_shape_for_the_onnx_model_is_a_clear_error(onnx_model_and_images, shape):
     path, _ = onnx_model_and_images
     with pytest.raises(ValueError, match="images: the model takes \\[B, 1, 24, 24\\]"):
-        trigscan.scan(trigscan.load_model(path), torch.rand(4, 1, 16, 16), method="b3d",
+        trigscan.scan(trigscan.load_model(path), torch.rand(4, *shape), method="b3d",
                       **tiny("b3d"))
+
+
+def test_declared_probabilities_that_do_not_sum_to_one_are_rejected(onnx_model_and_images):
+    _, x = onnx_model_and_images
+    model = QueryModel(lambda b: torch.rand(b.shape[0], 10) + 0.5, 10, (1, 24, 24),
+                       outputs="probabilities", retries=0)
+    with pytest.raises(trigscan.models.ModelError, match="declared to return probabilities"):
+        trigscan.scan(model, x, method="b3d", **tiny("b3d"))
+
+
+@pytest.mark.parametrize("option, value", [("k", 0), ("sigma", 0.0), ("init_mask", 1.0),
+                                           ("batched", False), ("max_batch_images", 0),
+                                           ("synthetic_samples", 0)])
+def test_bad_options_name_the_option(option, value):
+    method = "b3d-ss" if option == "synthetic_samples" else "b3d"
+    with pytest.raises(ValueError, match=f"^{option}: "):
+        trigscan.scanners.get(method)(**{option: value})
 
 
 def test_a_model_returning_too_few_classes_is_rejected(onnx_model_and_images):

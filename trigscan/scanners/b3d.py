@@ -230,6 +230,7 @@ class B3D(Scanner):
             probs = model(batch.reshape(-1, *x.shape[1:])).view(t, rows, xc.shape[0], -1)
             p_target = probs.gather(3, targets.view(t, 1, 1, 1).expand(t, rows, xc.shape[0], 1))
             total += -torch.log(p_target.squeeze(3).clamp_min(1e-12)).sum(dim=2)
+            del batch, probs  # free this chunk before the next is made: one chunk at a time
         return total / n
 
     @staticmethod
