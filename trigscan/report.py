@@ -21,10 +21,18 @@ from PIL import Image, ImageDraw, ImageFont
 from .data import atomic_write, save_npz
 from .detect import MAD_CONSISTENCY, true_median
 
-# what each method's per-class statistic is (for figure and table headings)
-STATISTIC_NAMES = {"nc": "mask L1", "tabor": "mask L1", "b3d": "mask L1", "b3d-ss": "mask L1",
-                   "pixel": "perturbed pixels", "lred": "1/‖v‖₂", "ured": "1/‖v‖₂",
-                   "dtinspector": "mask L1"}
+# what each method's per-class statistic is (figure and table headings)
+STATISTIC_NAMES = {"nc": "mask L1", "b3d": "mask L1", "b3d-ss": "mask L1", "lred": "1/||v||2",
+                   "ured": "1/||v||2", "dtinspector": "transfer ratio"}
+
+
+def statistic_name(entry: dict) -> str:
+    option = entry.get("config", {}).get("statistic")
+    if entry["method"] == "tabor":
+        return "quality score" if option == "quality" else "mask L1"
+    if entry["method"] == "pixel":
+        return "ln(1 + perturbed pixels)" if option == "log_count" else "perturbed pixels"
+    return STATISTIC_NAMES.get(entry["method"], "statistic")
 
 
 # ---------------------------------------------------------------------------
@@ -39,7 +47,7 @@ def checkpoint_file(out: Path, method: str) -> Path:
 
 
 def to_json(value) -> str:
-    return json.dumps(_finite(value), indent=2, allow_nan=False) + "\n"
+    return json.dumps(_finite(value), indent=2, allow_nan=False, default=str) + "\n"
 
 
 def _finite(value):
@@ -229,17 +237,18 @@ def summary_png(entries: list[dict]) -> bytes:
                      else [True] * len(values))
         threshold = entry["anomaly"].get("statistic_threshold")
         verdict = "BACKDOORED, target(s) " + ", ".join(map(str, entry["targets"])) if entry["backdoored"] else "clean"
-        name = STATISTIC_NAMES.get(entry["method"], "statistic")
+        name = statistic_name(entry)
         draw.text((10, top + 6), f"{entry['method']}: {verdict}", fill="#b00020" if entry["backdoored"] else "#1b5e20",
                   font=font)
-        thr_text = "" if threshold is None else f"; dashed: flag threshold {threshold:.4g}"
+        finite = [v for v in values if math.isfinite(v)]
+        vmin = min([0.0] + finite)
+        if threshold is not None and not (math.isfinite(threshold) and threshold >= vmin):
+            thr_text, threshold = f"; flag threshold {threshold:.4g} lies below every value", None
+        else:
+            thr_text = "" if threshold is None else f"; dashed: flag threshold {threshold:.4g}"
         draw.text((10, top + 26), f"{name} per class{thr_text}", fill="#333333", font=small)
         x0, y0, y1 = margin_l, top + 48, top + panel_h - 30
-        finite = [v for v in values if math.isfinite(v)]
-        vmax = max(finite + ([threshold] if threshold is not None and math.isfinite(threshold) else []) + [1e-12])
-        vmin = min(0.0, *finite) if finite else 0.0
-        if threshold is not None and math.isfinite(threshold):
-            vmin = min(vmin, threshold)
+        vmax = max(finite + ([] if threshold is None else [threshold]) + [vmin + 1e-12])
         scale = (y1 - y0) / ((vmax - vmin) * 1.08 or 1.0)
         base_y = y1 - (0 - vmin) * scale
         draw.line([(x0, y0), (x0, y1)], fill="#888888")
@@ -256,7 +265,7 @@ def summary_png(entries: list[dict]) -> bytes:
             colour = "#d32f2f" if flagged[j] else ("#4a78b5" if converged[j] else "#b8c7dd")
             draw.rectangle([left, min(y, base_y), right, max(y, base_y)], fill=colour)
             draw.text(((left + right) / 2, y1 + 4), label, fill="#333333", font=small, anchor="mt")
-        if threshold is not None and math.isfinite(threshold):
+        if threshold is not None:
             y = y1 - (threshold - vmin) * scale
             for xs in range(int(x0), width - margin_r, 10):
                 draw.line([(xs, y), (min(xs + 5, width - margin_r), y)], fill="#e65100", width=2)
@@ -334,7 +343,7 @@ def render_html(report: dict, out: Path) -> str:
                      + ("; <b>partial</b> (" + esc("; ".join(entry.get("notes", []))) + ")" if entry.get("partial") else "")
                      + "</div>")
         pair = any(r.get("source") is not None for r in entry["per_class"])
-        head = (("<th>source</th>" if pair else "") + f"<th>class</th><th>{esc(STATISTIC_NAMES.get(entry['method'], 'statistic'))}</th>"
+        head = (("<th>source</th>" if pair else "") + f"<th>class</th><th>{esc(statistic_name(entry))}</th>"
                 "<th>anomaly</th><th>ASR</th><th>converged</th><th>steps</th><th>queries</th>"
                 "<th class='l'>mask</th><th class='l'>pattern</th><th class='l'>stamped</th>")
         rows = []

@@ -370,7 +370,9 @@ def _identity(model_info, data_info, seed, classes, device, budget) -> dict:
 
 
 def _plain(value):
-    return json.loads(json.dumps(value, default=list))
+    from .report import to_json
+
+    return json.loads(to_json(value))
 
 
 def run_scan(model, data, methods: Sequence[str], out_dir, *, weights=None, seed: int = 0,
