@@ -3,11 +3,13 @@ same arguments continues from its last completed step and returns exactly the
 result of a scan that was never interrupted (same seed); checkpoints of other
 scans and damaged files are refused with a clear error.
 
-Scans run in child processes (one thread each, so that every run does the same
-float arithmetic) on a small random-weight TorchScript CNN: resuming is about
-reproducing the arithmetic, not about detection, and the options are chosen so
-that rows stop at different steps (early stop, L-RED's pi reached, never
-reached) while the scan is interrupted.
+The killed scans run in child processes; the reference and resumed scans run
+here (all on one thread, so that every run does the same float arithmetic),
+except for the CLI test, where every run is a `trigscan scan` process. The
+model is a small random-weight TorchScript CNN: resuming is about reproducing
+the arithmetic, not about detection, and the options are chosen so that rows
+stop at different steps (early stop, L-RED's pi reached, never reached), some
+before and some after the interruption.
 """
 from __future__ import annotations
 
