@@ -70,7 +70,10 @@ debug = os.environ.get("TRIGSCAN_DEBUG") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
 # -ffp-contract=off / --fmad=false: no fused multiply-adds the other device would
 # not make, so shared arithmetic rounds identically on CPU and GPU.
-cxx_flags = opt + ["-fopenmp", "-ffp-contract=off"]
+# -fno-math-errno / -fno-trapping-math change no value (errno and FP exception
+# flags only); without them GCC will not vectorise sqrtf or if-convert the
+# branch-free math of csrc/common/math.h.
+cxx_flags = opt + ["-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 nvcc_flags = opt + ["--fmad=false"]
 
 sources = ["csrc/trigscan.cpp", "csrc/checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))

@@ -6,7 +6,9 @@
 Prints the machine/threads line, one table of all cases (median ms and the
 ratio variant / fused, so 2.0 means the fused kernel is twice as fast), the
 stamp-forward throughput as a fraction of the measured copy bandwidth, the
-peak memory of each NES-step variant, and the issue's targets met or missed.
+peak memory of each NES-step variant, and the issue's targets met or missed
+(the fastest kernel variant -- `fused` or e.g. `fused_prealloc`, which reuses
+its output buffer -- against the fastest plain-PyTorch variant).
 
 The machine may be shared: every benchmark records `others_busy`, the share of
 all CPU time other processes used while it ran. Given several runs, each case
@@ -29,6 +31,11 @@ TARGETS = OrderedDict([
     ("nes step 3x32x32", 2.0),
     ("pixel stamp+size forward+backward", 2.0),
 ])
+
+
+def is_kernel(variant):
+    """fused, fused_prealloc, ...: the trigscan kernels; everything else is plain PyTorch."""
+    return variant.startswith("fused")
 
 
 def variant_of(bench):
@@ -131,17 +138,19 @@ def render(runs, merged):
                        f"{(e['peak_rss_bytes'] - e['out_bytes']) / MiB:.2f} |")
         out.append("")
 
-    out.append("| target | fused ms | best plain PyTorch | speed-up | met |")
-    out.append("|---|---:|---|---:|:-:|")
+    out.append("| target | fused (fastest kernel variant) | best plain PyTorch | speed-up | met |")
+    out.append("|---|---|---|---:|:-:|")
     for group, want in TARGETS.items():
         if group not in merged or "fused" not in merged[group][1]:
             continue
         benches = merged[group][1]
-        others = {v: b for v, b in benches.items() if v != "fused"}
+        kernels = {v: b for v, b in benches.items() if is_kernel(v)}
+        others = {v: b for v, b in benches.items() if not is_kernel(v)}
+        fused_v = min(kernels, key=lambda v: ms(kernels[v]))
         best_v = min(others, key=lambda v: ms(others[v]))
-        speedup = ms(others[best_v]) / ms(benches["fused"])
+        speedup = ms(others[best_v]) / ms(kernels[fused_v])
         what = "not slower than" if want == 1.0 else f">= {want:g}x"
-        out.append(f"| {group}: {what} best | {ms(benches['fused']):.3f} | {best_v} "
+        out.append(f"| {group}: {what} best | {fused_v} {ms(kernels[fused_v]):.3f} ms | {best_v} "
                    f"{ms(others[best_v]):.3f} ms | {speedup:.2f}x | "
                    f"{'yes' if speedup >= want else 'no'} |")
     return "\n".join(out)

@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/isfinite.h>
 
@@ -173,6 +174,21 @@ void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& like,
   TORCH_CHECK_VALUE(grad.sizes() == expected, "trigscan.", op, ": grad must have shape ",
                     expected, ", got ", shape_str(grad));
   check_same(op, "grad", grad, "the forward inputs", like);
+}
+
+void check_out(const char* op, const at::Tensor& out, const at::Tensor& like,
+               at::IntArrayRef expected,
+               std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  check_defined(op, "out", out);
+  TORCH_CHECK_VALUE(out.sizes() == expected, "trigscan.", op, ": out must have shape ", expected,
+                    ", got ", shape_str(out));
+  check_same(op, "out", out, "x", like);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "trigscan.", op,
+                    ": out must be contiguous (it is written in place)");
+  for (const auto& [name, input] : inputs) {
+    TORCH_CHECK_VALUE(at::get_overlap_status(out, *input) == at::MemOverlapStatus::No, "trigscan.",
+                      op, ": out shares memory with ", name, "; pass a separate buffer");
+  }
 }
 
 }  // namespace trigscan

@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "common/macros.h"
 #include "common/philox.h"
@@ -38,5 +40,11 @@ StampShape check_pixel_size(const char* op, const at::Tensor& b_p, const at::Ten
 // grad has the shape of the forward output [T,N,C,H,W].
 void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& like,
                 at::IntArrayRef expected);
+
+// A caller's output buffer: the expected shape, the dtype and device of `like`,
+// contiguous, and sharing no memory with any of the named inputs.
+void check_out(const char* op, const at::Tensor& out, const at::Tensor& like,
+               at::IntArrayRef expected,
+               std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs);
 
 }  // namespace trigscan

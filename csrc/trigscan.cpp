@@ -7,17 +7,19 @@
 TORCH_LIBRARY(trigscan, m) {
   m.set_python_module("trigscan.ops");
   m.def("stamp(Tensor x, Tensor mask, Tensor pattern) -> Tensor");
-  m.def("stamp_backward(Tensor grad, Tensor x, Tensor mask, Tensor pattern)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("stamp_backward(Tensor grad, Tensor x, Tensor mask, Tensor pattern,"
+        " bool need_grad_x=True) -> (Tensor, Tensor, Tensor)");
   m.def("nes_sample_stamp(Tensor x, Tensor theta_m, Tensor theta_p, int k, float sigma,"
         " int seed, int offset, bool joint) -> Tensor");
+  m.def("nes_sample_stamp_out(Tensor x, Tensor theta_m, Tensor theta_p, int k, float sigma,"
+        " int seed, int offset, bool joint, Tensor(a!) out) -> ()");
   m.def("nes_grad(Tensor losses, Tensor theta_m, Tensor theta_p, int k, float sigma,"
         " int seed, int offset, bool joint, bool baseline) -> (Tensor, Tensor)");
   m.def("nes_samples(Tensor theta_m, Tensor theta_p, int k, int seed, int offset)"
         " -> (Tensor, Tensor)");
   m.def("pixel_stamp(Tensor x, Tensor b_p, Tensor b_n, float maxp, bool use_tanh) -> Tensor");
   m.def("pixel_stamp_backward(Tensor grad, Tensor x, Tensor b_p, Tensor b_n, float maxp,"
-        " bool use_tanh) -> (Tensor, Tensor, Tensor)");
+        " bool use_tanh, bool need_grad_x=True) -> (Tensor, Tensor, Tensor)");
   m.def("pixel_size_loss(Tensor b_p, Tensor b_n, float gamma) -> Tensor");
   m.def("pixel_size_loss_backward(Tensor grad, Tensor b_p, Tensor b_n, float gamma)"
         " -> (Tensor, Tensor)");

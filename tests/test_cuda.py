@@ -488,6 +488,8 @@ def test_cuda_stamp_matches_cpu(shape, dtype):
                           ops.stamp.default(x, mask, pattern), exact=True)
     assert_close_or_equal(ops.stamp_backward.default(*_cuda(grad, x, mask, pattern)),
                           ops.stamp_backward.default(grad, x, mask, pattern), exact=True)
+    assert_close_or_equal(ops.stamp_backward.default(*_cuda(grad, x, mask, pattern), False),
+                          ops.stamp_backward.default(grad, x, mask, pattern, False), exact=True)
 
 
 @gpu_test
@@ -501,6 +503,10 @@ def test_cuda_nes_matches_cpu(shape, joint):
     xc, tmc, tpc, lc = _cuda(x, theta_m, theta_p, losses)
     assert_close_or_equal(ops.nes_sample_stamp.default(xc, tmc, tpc, *args),
                           ops.nes_sample_stamp.default(x, theta_m, theta_p, *args), exact=True)
+    out = torch.full_like(ops.nes_sample_stamp.default(xc, tmc, tpc, *args), float("nan"))
+    ops.nes_sample_stamp_out.default(xc, tmc, tpc, *args, out)
+    assert_close_or_equal(out, ops.nes_sample_stamp.default(x, theta_m, theta_p, *args),
+                          exact=True)
     for baseline in (False, True):
         assert_close_or_equal(ops.nes_grad.default(lc, tmc, tpc, *args, baseline),
                               ops.nes_grad.default(losses, theta_m, theta_p, *args, baseline),
@@ -525,6 +531,9 @@ def test_cuda_pixel_ops_match_cpu(shape, dtype):
             assert_close_or_equal(
                 ops.pixel_stamp_backward.default(gc, xc, pc, nc, maxp, use_tanh),
                 ops.pixel_stamp_backward.default(grad, x, b_p, b_n, maxp, use_tanh), exact)
+            assert_close_or_equal(
+                ops.pixel_stamp_backward.default(gc, xc, pc, nc, maxp, use_tanh, False),
+                ops.pixel_stamp_backward.default(grad, x, b_p, b_n, maxp, use_tanh, False), exact)
     exact = dtype == torch.float32
     for gamma in (10.0, 0.7):
         assert_close_or_equal(ops.pixel_size_loss.default(pc, nc, gamma),
@@ -558,6 +567,8 @@ def _opcheck_samples():
         ("stamp", (x, mask, pattern)),
         ("stamp_backward", (grad, x, mask, pattern)),
         ("nes_sample_stamp", (nx, theta_m, theta_p, k, SIGMA, SEED, OFFSET, False)),
+        ("nes_sample_stamp_out", (nx, theta_m, theta_p, k, SIGMA, SEED, OFFSET, False,
+                                  torch.empty(theta_p.shape[0], 2 * k, *nx.shape))),
         ("nes_grad", (losses, theta_m, theta_p, k, SIGMA, SEED, OFFSET, False, True)),
         ("nes_samples", (theta_m, theta_p, k, SEED, OFFSET)),
         ("pixel_stamp", (px, b_p, b_n, 1.0, False)),

@@ -102,6 +102,38 @@ def test_stamp_backward_op_matches_formula():
             want_m = want_m.sum(1, keepdim=True)
         torch.testing.assert_close(gm, want_m, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gp, (grad * m).sum(1), atol=1e-5, rtol=1e-5)
+        # without grad_x: an empty grad_x, the other two bit for bit the same
+        gx0, gm0, gp0 = OPS.stamp_backward(grad, x, mask, pattern, False)
+        assert gx0.shape == (0,) and torch.equal(gm0, gm) and torch.equal(gp0, gp)
+
+
+@pytest.mark.parametrize("op", ["stamp", "pixel_stamp"])
+@pytest.mark.parametrize("T, HW", [(1, (3, 5)), (3, (40, 40)), (17, (8, 8))])
+def test_backward_without_grad_x_gives_the_same_other_gradients(op, T, HW):
+    """need_grad_x=False runs another task layout (trigger, pixel chunk); the
+    parameter gradients must not change by a bit, and autograd must use it when
+    x needs no gradient."""
+    gen = _gen(11)
+    N, C = 5, 3
+    H, W = HW
+    x, grad = _rand(gen, N, C, H, W), _randn(gen, T, N, C, H, W)
+    if op == "stamp":
+        params = (_rand(gen, T, 1, H, W), _rand(gen, T, C, H, W))
+        full = OPS.stamp_backward(grad, x, *params)
+        part = OPS.stamp_backward(grad, x, *params, False)
+        fwd = ops.stamp
+    else:
+        params = (_rand(gen, T, C, H, W, lo=-0.5, hi=1.5), _rand(gen, T, C, H, W, lo=-0.5, hi=1.5))
+        full = OPS.pixel_stamp_backward(grad, x, *params, 1.0, False)
+        part = OPS.pixel_stamp_backward(grad, x, *params, 1.0, False, False)
+        fwd = ops.pixel_stamp
+    assert part[0].shape == (0,)
+    for a, b in zip(part[1:], full[1:]):
+        assert torch.equal(a, b)
+    leaves = [p.clone().requires_grad_() for p in params]
+    got = torch.autograd.grad(fwd(x, *leaves), leaves, grad)
+    for a, b in zip(got, full[1:]):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +236,20 @@ def test_nes_sample_stamp_matches_reference(c):
     assert out.shape == (c["T"], S, c["N"], c["C"], c["H"], c["W"])
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@HYP
+@given(c=nes_cases())
+def test_nes_sample_stamp_out_equals_fresh_output(c):
+    """out= writes exactly the fresh op's values into a reused (dirty) buffer."""
+    _, x, theta_m, theta_p = _nes_inputs(c)
+    args = (x, theta_m, theta_p, c["k"], c["sigma"], c["seed"], c["offset"], c["joint"])
+    want = ops.nes_sample_stamp(*args)
+    buf = torch.full_like(want, math.nan)
+    got = ops.nes_sample_stamp(*args, out=buf)
+    assert got is buf and torch.equal(buf, want)
+    OPS.nes_sample_stamp_out(*args[:-2], c["offset"] + 1, c["joint"], buf)  # reuse: next step
+    assert torch.equal(buf, ops.nes_sample_stamp(*args[:-2], c["offset"] + 1, c["joint"]))
 
 
 @HYP
@@ -326,10 +372,12 @@ def _opcheck_samples():
         ("stamp", (x.double(), maskC.double(), pattern.double()), True),
         ("stamp_backward", (grad, x, mask1, pattern), False),
         ("stamp_backward", (grad, x, maskC, pattern), False),
+        ("stamp_backward", (grad, x, mask1, pattern, False), False),
         ("pixel_stamp", (x, b_p, b_n, 1.0, False), True),
         ("pixel_stamp", (x, b_p, b_n, 2.0, True), True),
         ("pixel_stamp_backward", (grad, x, b_p, b_n, 1.0, False), False),
         ("pixel_stamp_backward", (grad, x, b_p, b_n, 2.0, True), False),
+        ("pixel_stamp_backward", (grad, x, b_p, b_n, 2.0, True, False), False),
         ("pixel_size_loss", (b_p, b_n, 10.0), True),
         ("pixel_size_loss_backward", (_randn(gen, T), b_p, b_n, 10.0), False),
         ("nes_samples", (theta_m1, theta_p, k, 7, 8), False),
@@ -339,6 +387,9 @@ def _opcheck_samples():
         S = k if joint else 2 * k
         samples.append(("nes_sample_stamp", (x, theta_m1, theta_p, k, 0.3, 7, 8, joint), False))
         samples.append(("nes_sample_stamp", (x, theta_mC, theta_p, k, 0.3, 7, 8, joint), False))
+        out = torch.empty(T, S, N, C, H, W)
+        samples.append(("nes_sample_stamp_out", (x, theta_m1, theta_p, k, 0.3, 7, 8, joint, out),
+                        False))
         for baseline in (False, True):
             samples.append(("nes_grad", (_randn(gen, T, S), theta_m1, theta_p, k, 0.3, 7, 8,
                                          joint, baseline), False))
@@ -507,6 +558,18 @@ def _bad_input_cases():
         a.update(kw)
         return lambda: OPS.nes_sample_stamp(*a.values())
 
+    out = torch.empty(T, 2 * k, N, C, H, W)
+    # an out buffer whose storage also holds x (the kernel reads x while writing)
+    x_alias = torch.empty(out.numel())
+    x_alias[:x.numel()].copy_(x.flatten())
+    x_alias = x_alias.view(out.shape)
+
+    def nes_out(**kw):
+        a = dict(x=x_alias.view(-1)[:x.numel()].view(x.shape), theta_m=theta_m,
+                 theta_p=theta_p, k=k, sigma=0.1, seed=1, offset=2, joint=False, out=out)
+        a.update(kw)
+        return lambda: OPS.nes_sample_stamp_out(*a.values())
+
     def nes_g(**kw):
         a = dict(losses=losses, theta_m=theta_m, theta_p=theta_p, k=k, sigma=0.1, seed=1,
                  offset=2, joint=False, baseline=False)
@@ -575,6 +638,14 @@ def _bad_input_cases():
         ("nes_sample_stamp x int", nes_ss(x=x.int()), Ty, "x"),
         ("nes_sample_stamp theta_p on meta", nes_ss(theta_p=meta(theta_p)), V, "theta_p"),
         ("nes_sample_stamp x on meta", nes_ss(x=meta(x)), V, "x"),
+        # --- nes_sample_stamp_out
+        ("nes_sample_stamp_out out shape", nes_out(out=out[:, :1]), V, "out"),
+        ("nes_sample_stamp_out out float64", nes_out(out=out.double()), Ty, "out"),
+        ("nes_sample_stamp_out out non-contiguous",
+         nes_out(out=out.transpose(0, 1).contiguous().transpose(0, 1)), V, "out"),
+        ("nes_sample_stamp_out out on meta", nes_out(out=meta(out)), V, "out"),
+        ("nes_sample_stamp_out out overlaps x", nes_out(out=x_alias), V, "out"),
+        ("nes_sample_stamp_out k 0", nes_out(k=0), V, "k"),
         # --- nes_grad
         ("nes_grad losses nan", nes_g(losses=torch.full((T, 2 * k), math.nan)), V, "losses"),
         ("nes_grad losses inf", nes_g(losses=losses.clone().index_fill_(1, torch.tensor([1]),

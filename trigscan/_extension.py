@@ -68,6 +68,7 @@ OP_NAMES = (
     "stamp",
     "stamp_backward",
     "nes_sample_stamp",
+    "nes_sample_stamp_out",
     "nes_grad",
     "nes_samples",
     "pixel_stamp",

@@ -28,14 +28,21 @@ def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.T
 
 
 def nes_sample_stamp(x, theta_m, theta_p, k: int, sigma: float, seed: int, offset: int,
-                     joint: bool = False) -> torch.Tensor:
+                     joint: bool = False, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The B3D query batch [T, S, N, C, H, W], samples drawn in-kernel (Philox).
 
     joint=False (the paper), S = 2k: rows j < k stamp Bernoulli masks
     m_j ~ B(g(theta_m)) with pattern g(theta_p); rows k + j stamp mask
     g(theta_m) with pattern g(theta_p + sigma * eps_j). joint=True, S = k: row j
     stamps (m_j, g(theta_p + sigma * eps_j)). g(z) = (tanh z + 1) / 2.
+
+    out: an optional contiguous float32 buffer of that shape, written in place
+    and returned (``nes_sample_stamp_out``); a scan loop that reuses one buffer
+    for every step avoids mapping a fresh output (tens to hundreds of MiB) each time.
     """
+    if out is not None:
+        _ops.nes_sample_stamp_out.default(x, theta_m, theta_p, k, sigma, seed, offset, joint, out)
+        return out
     return _ops.nes_sample_stamp.default(x, theta_m, theta_p, k, sigma, seed, offset, joint)
 
 
@@ -88,7 +95,7 @@ def _check_fake(op, **tensors):
             raise ValueError(f"trigscan.{op}: {name} is on {device} but {first_name} is on "
                              f"{first_device}; move both to one device")
     for name, t in tensors.items():
-        if name not in ("grad", "losses") and t.dim() != 4:
+        if name not in ("grad", "losses", "out") and t.dim() != 4:
             raise ValueError(f"trigscan.{op}: {name} must be 4-D, got shape {tuple(t.shape)}")
 
 
@@ -98,10 +105,15 @@ def _(x, mask, pattern):
     return x.new_empty((pattern.shape[0], *x.shape))
 
 
+def _grad_x_like(x, need_grad_x):
+    """grad_x of the backward ops: like x, or an empty [0] when not requested."""
+    return torch.empty_like(x) if need_grad_x else x.new_empty((0,))
+
+
 @torch.library.register_fake("trigscan::stamp_backward")
-def _(grad, x, mask, pattern):
+def _(grad, x, mask, pattern, need_grad_x=True):
     _check_fake("stamp_backward", grad=grad, x=x, mask=mask, pattern=pattern)
-    return torch.empty_like(x), torch.empty_like(mask), torch.empty_like(pattern)
+    return _grad_x_like(x, need_grad_x), torch.empty_like(mask), torch.empty_like(pattern)
 
 
 @torch.library.register_fake("trigscan::nes_sample_stamp")
@@ -109,6 +121,17 @@ def _(x, theta_m, theta_p, k, sigma, seed, offset, joint):
     _check_fake("nes_sample_stamp", x=x, theta_m=theta_m, theta_p=theta_p)
     rows = k if joint else 2 * k
     return x.new_empty((theta_p.shape[0], rows, *x.shape))
+
+
+@torch.library.register_fake("trigscan::nes_sample_stamp_out")
+def _(x, theta_m, theta_p, k, sigma, seed, offset, joint, out):
+    _check_fake("nes_sample_stamp_out", x=x, theta_m=theta_m, theta_p=theta_p, out=out)
+    rows = k if joint else 2 * k
+    expected = (theta_p.shape[0], rows, *x.shape)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"trigscan.nes_sample_stamp_out: out must have shape "
+                         f"{list(expected)}, got {list(out.shape)}")
+    return None
 
 
 @torch.library.register_fake("trigscan::nes_grad")
@@ -131,9 +154,9 @@ def _(x, b_p, b_n, maxp, use_tanh):
 
 
 @torch.library.register_fake("trigscan::pixel_stamp_backward")
-def _(grad, x, b_p, b_n, maxp, use_tanh):
+def _(grad, x, b_p, b_n, maxp, use_tanh, need_grad_x=True):
     _check_fake("pixel_stamp_backward", grad=grad, x=x, b_p=b_p, b_n=b_n)
-    return torch.empty_like(x), torch.empty_like(b_p), torch.empty_like(b_n)
+    return _grad_x_like(x, need_grad_x), torch.empty_like(b_p), torch.empty_like(b_n)
 
 
 @torch.library.register_fake("trigscan::pixel_size_loss")
@@ -158,8 +181,9 @@ def _save_inputs(ctx, inputs, output):
 
 def _stamp_backward(ctx, grad):
     x, mask, pattern = ctx.saved_tensors
-    grad_x, grad_mask, grad_pattern = _ops.stamp_backward.default(grad, x, mask, pattern)
     needs = ctx.needs_input_grad
+    grad_x, grad_mask, grad_pattern = _ops.stamp_backward.default(grad, x, mask, pattern,
+                                                                  needs[0])
     return (grad_x if needs[0] else None, grad_mask if needs[1] else None,
             grad_pattern if needs[2] else None)
 
@@ -167,8 +191,9 @@ def _stamp_backward(ctx, grad):
 def _pixel_stamp_backward(ctx, grad):
     x, b_p, b_n = ctx.saved_tensors
     maxp, use_tanh = ctx.scalars
-    grad_x, grad_p, grad_n = _ops.pixel_stamp_backward.default(grad, x, b_p, b_n, maxp, use_tanh)
     needs = ctx.needs_input_grad
+    grad_x, grad_p, grad_n = _ops.pixel_stamp_backward.default(grad, x, b_p, b_n, maxp, use_tanh,
+                                                               needs[0])
     return (grad_x if needs[0] else None, grad_p if needs[1] else None,
             grad_n if needs[2] else None, None, None)
 
@@ -196,6 +221,8 @@ def _not_differentiable(name):
 
 
 # The NES ops are query-side: say so instead of silently returning no gradient.
+# (nes_sample_stamp_out mutates its out argument; torch.library accepts no
+# autograd formula for such ops, and out= ops are not differentiable anyway.)
 for _name in ("nes_sample_stamp", "nes_grad", "nes_samples"):
     torch.library.register_autograd(f"trigscan::{_name}", _not_differentiable(_name),
                                     setup_context=_save_inputs)

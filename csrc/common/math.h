@@ -10,6 +10,7 @@
 #pragma once
 
 #include <math.h>
+#include <string.h>
 
 #include "macros.h"
 #include "philox.h"
@@ -22,33 +23,88 @@ TS_HD float uniform_open(uint32_t word) {
   return static_cast<float>((word >> 8) | 1u) * 5.9604644775390625e-08f;  // 2^-24
 }
 
+// Float <-> bits without a library call (vectorisable on the host).
+TS_HD float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+TS_HD uint32_t bits_from_float(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  return bits;
+#endif
+}
+
+// The functions below are straight-line code (selects, no branches, no libm
+// calls) so that the CPU loops vectorise them; each returns exactly what the
+// textbook branchy form returns (ldexpf, frexpf, a quadrant switch).
+
+// floorf(y) as an int, for |y| < 2^31 (not NaN): a truncating conversion and a
+// select, which GCC vectorises (floorf itself it does not, under the default
+// -ftrapping-math).
+TS_HD int floor_to_int(float y) {
+  const int t = static_cast<int>(y);
+  return static_cast<float>(t) > y ? t - 1 : t;
+}
+
+// p * 2^n for n in [-252, 254], rounded once like ldexpf: two exact
+// power-of-two factors, each a normal float; only the last product rounds.
+TS_HD float scale_by_pow2(float p, int n) {
+  const int n1 = n >> 1, n2 = n - n1;
+  return p * float_from_bits(static_cast<uint32_t>(n1 + 127) << 23) *
+         float_from_bits(static_cast<uint32_t>(n2 + 127) << 23);
+}
+
+// Float bits as an int32 that orders like the float (-0 just below +0, NaNs at
+// the ends); the map is its own inverse. Clamping in this domain is an integer
+// min/max, which compilers keep branch-free (a float clamp with constant arms
+// gets jump-threaded by GCC, and the loop around it no longer vectorises).
+TS_HD int32_t ordered_from_bits(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
+
 // exp(x) for float: Cody-Waite reduction x = n ln2 + r, degree-7 Taylor on |r| <= ln2/2.
 TS_HD float exp_f(float x) {
-  if (x > 88.72283f) return HUGE_VALF;
-  if (x < -103.97208f) return 0.0f;
-  const float n = floorf(fmaf(x, 1.44269504f, 0.5f));
-  float r = fmaf(n, -0.693359375f, x);  // ln2, high part (exact product)
-  r = fmaf(n, 2.12194440e-4f, r);       // ln2, low part
-  float p = 1.98412698e-4f;             // 1/7!
-  p = fmaf(p, r, 1.38888889e-3f);       // 1/6!
-  p = fmaf(p, r, 8.33333333e-3f);       // 1/5!
-  p = fmaf(p, r, 4.16666667e-2f);       // 1/4!
-  p = fmaf(p, r, 1.66666667e-1f);       // 1/3!
+  constexpr float kHi = 88.72283f, kLo = -103.97208f;  // beyond: inf / 0
+  constexpr int32_t kHiKey = 0x42b17217, kLoKey = -1120924085;  // their ordered keys
+  int32_t key = ordered_from_bits(static_cast<int32_t>(bits_from_float(x)));
+  key = key > kLoKey ? key : kLoKey;  // (a NaN is clamped too, and returned below)
+  key = key < kHiKey ? key : kHiKey;
+  const float xc = float_from_bits(static_cast<uint32_t>(ordered_from_bits(key)));
+  const int ni = floor_to_int(fmaf(xc, 1.44269504f, 0.5f));
+  const float n = static_cast<float>(ni);
+  float r = fmaf(n, -0.693359375f, xc);  // ln2, high part (exact product)
+  r = fmaf(n, 2.12194440e-4f, r);        // ln2, low part
+  float p = 1.98412698e-4f;              // 1/7!
+  p = fmaf(p, r, 1.38888889e-3f);        // 1/6!
+  p = fmaf(p, r, 8.33333333e-3f);        // 1/5!
+  p = fmaf(p, r, 4.16666667e-2f);        // 1/4!
+  p = fmaf(p, r, 1.66666667e-1f);        // 1/3!
   p = fmaf(p, r, 0.5f);
   p = fmaf(p, r, 1.0f);
   p = fmaf(p, r, 1.0f);
-  return ldexpf(p, static_cast<int>(n));
+  float result = scale_by_pow2(p, ni);
+  result = x > kHi ? HUGE_VALF : result;
+  result = x < kLo ? 0.0f : result;
+  return x == x ? result : x;
 }
 
 // log(u) for normal positive floats: u = m 2^e with m in [sqrt(1/2), sqrt(2)),
 // log(m) = 2 atanh(s), s = (m-1)/(m+1), series to s^13 (|s| <= 0.1716).
 TS_HD float log_f(float u) {
-  int e;
-  float m = frexpf(u, &e);  // m in [0.5, 1)
-  if (m < 0.70710678f) {
-    m *= 2.0f;
-    e -= 1;
-  }
+  const uint32_t bits = bits_from_float(u);
+  // frexpf: m in [0.5, 1), u = m 2^e (u normal)
+  float m = float_from_bits((bits & 0x007fffffu) | 0x3f000000u);
+  int e = static_cast<int>((bits >> 23) & 0xffu) - 126;
+  const bool low = m < 0.70710678f;
+  m = low ? 2.0f * m : m;
+  e = low ? e - 1 : e;
   const float f = m - 1.0f;  // exact
   const float s = f / (2.0f + f);
   const float s2 = s * s;
@@ -67,12 +123,11 @@ TS_HD float log_f(float u) {
 // a fraction of a turn: 4u = n + f with |f| <= 1/2, angle f*pi/2 in [-pi/4, pi/4].
 TS_HD void sincos_2pi(float u, float& sin_out, float& cos_out) {
   const float q = 4.0f * u;
-  float n = floorf(q);
-  float f = q - n;
-  if (f > 0.5f) {
-    f -= 1.0f;
-    n += 1.0f;
-  }
+  int n = floor_to_int(q);
+  float f = q - static_cast<float>(n);
+  const bool up = f > 0.5f;
+  f = up ? f - 1.0f : f;
+  n = up ? n + 1 : n;
   const float a = f * 1.57079637f;
   const float a2 = a * a;
   float ps = 2.75573192e-6f;       // 1/9!
@@ -86,12 +141,12 @@ TS_HD void sincos_2pi(float u, float& sin_out, float& cos_out) {
   pc = fmaf(pc, a2, 4.16666667e-2f);
   pc = fmaf(pc, a2, -0.5f);
   const float c = fmaf(a2, pc, 1.0f);
-  switch (static_cast<int>(n) & 3) {
-    case 0: sin_out = s; cos_out = c; break;
-    case 1: sin_out = c; cos_out = -s; break;
-    case 2: sin_out = -s; cos_out = -c; break;
-    default: sin_out = -c; cos_out = s; break;
-  }
+  // quadrant n mod 4: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s)
+  const int quadrant = n & 3;
+  const bool odd = (quadrant & 1) != 0;
+  const float sin_abs = odd ? c : s, cos_abs = odd ? s : c;
+  sin_out = (quadrant & 2) ? -sin_abs : sin_abs;
+  cos_out = ((quadrant + 1) & 2) ? -cos_abs : cos_abs;
 }
 
 // Box-Muller on one pair of words: (u1, u2) -> (r cos 2pi u2, r sin 2pi u2).

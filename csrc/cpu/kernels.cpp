@@ -15,6 +15,11 @@
 //   runs independent elements side by side -- every reduction keeps its order.
 // * Random words are drawn in separate loops (Philox vectorises across blocks);
 //   the Bernoulli / Box-Muller / squash math then runs on them element-wise.
+//   That math is branch-free straight-line code (csrc/common/math.h), so these
+//   loops vectorise too -- given -fno-math-errno and -fno-trapping-math
+//   (setup.py), which change no value.
+// * Backward without grad_x (autograd's usual case: x is data) skips the
+//   reduction over triggers and splits work by (trigger, pixel chunk).
 // * Backward reductions: each task owns a spatial chunk (all t, n, c of a range
 //   of pixels; x and grad_x of the chunk stay in L2) and sweeps contiguous rows
 //   of it with the per-pixel accumulators in L1.
@@ -311,6 +316,15 @@ int64_t spatial_chunk(int64_t HW) {
   return std::clamp<int64_t>((per + 63) / 64 * 64, 64, kMaxChunk);
 }
 
+// Pixel chunk when tasks are (trigger, chunk) pairs: whole planes when there
+// are enough triggers to keep every thread busy, smaller chunks otherwise.
+int64_t trigger_chunk(int64_t T, int64_t HW) {
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t pieces = std::max<int64_t>(1, (want + T - 1) / T);
+  const int64_t per = (HW + pieces - 1) / pieces;
+  return std::clamp<int64_t>((per + 63) / 64 * 64, 64, kMaxChunk);
+}
+
 // Index of the mask element covering channel c (mask broadcast when Cm == 1).
 inline int64_t mask_channel(const StampShape& s, int64_t c) { return s.Cm == 1 ? 0 : c; }
 
@@ -388,13 +402,30 @@ struct CpuBackend {
     });
   }
 
-  // One pass over grad [T,N,C,HW]: each task owns a spatial chunk and reduces
-  // over n (for mask and pattern) and over t (for x) inside it. Per pixel the
-  // sums run in the order: grad_x over t; grad_pattern over n; grad_mask over
-  // n, and over c before n when the mask is broadcast.
+  // One pass over grad [T,N,C,HW]. Per pixel the sums run in the order:
+  // grad_x over t; grad_pattern over n; grad_mask over n, and over c before n
+  // when the mask is broadcast.
+  // With grad_x: each task owns a spatial chunk (all t, n, c of it) and reduces
+  // over n (mask, pattern) and over t (x) inside it. Without grad_x
+  // (grad_x == nullptr) tasks are (trigger, chunk) pairs and nothing is written
+  // per image.
   template <typename T>
   static void stamp_backward(const T* grad, const T* x, const T* mask, const T* pattern,
                              T* grad_x, T* grad_mask, T* grad_pattern, StampShape s) {
+    if (grad_x == nullptr) {
+      const int64_t chunk = trigger_chunk(s.T, s.HW);
+      const int64_t chunks = (s.HW + chunk - 1) / chunk;
+      parallel(0, s.T * chunks, 1, [&](int64_t begin, int64_t end, auto) {
+        alignas(64) T acc_m[kMaxChunk], acc_p[kMaxChunk];
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t t = item / chunks, lo = (item % chunks) * chunk;
+          stamp_backward_rows<T, false>(lo, std::min(s.HW, lo + chunk), t, grad, x, mask,
+                                        pattern, nullptr, grad_mask, grad_pattern, s, acc_m,
+                                        acc_p);
+        }
+      });
+      return;
+    }
     const int64_t chunk = spatial_chunk(s.HW);
     const int64_t chunks = (s.HW + chunk - 1) / chunk;
     parallel(0, chunks, 1, [&](int64_t begin, int64_t end, auto) {
@@ -406,14 +437,14 @@ struct CpuBackend {
                       T(0));
         alignas(64) T acc_m[kMaxChunk], acc_p[kMaxChunk];
         for (int64_t t = 0; t < s.T; ++t)
-          stamp_backward_rows<T>(lo, hi, t, grad, x, mask, pattern, grad_x, grad_mask,
-                                 grad_pattern, s, acc_m, acc_p);
+          stamp_backward_rows<T, true>(lo, hi, t, grad, x, mask, pattern, grad_x, grad_mask,
+                                       grad_pattern, s, acc_m, acc_p);
       }
     });
   }
 
   // Pixels lo .. hi-1 of trigger t; accumulators acc_m, acc_p of hi - lo pixels.
-  template <typename T>
+  template <typename T, bool kWithX>
   static TS_ALWAYS_INLINE void stamp_backward_rows(
       int64_t lo, int64_t hi, int64_t t, const T* grad, const T* x, const T* mask,
       const T* pattern, T* grad_x, T* grad_mask, T* grad_pattern, const StampShape& s,
@@ -427,12 +458,20 @@ struct CpuBackend {
       for (int64_t n = 0; n < s.N; ++n) {
         const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
         const T* xr = x + (n * s.C + c) * s.HW + lo;
-        T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
-        for (int64_t i = 0; i < len; ++i) {
-          const T g = gr[i];
-          acc_m[i] += g * (pr[i] - xr[i]);
-          acc_p[i] += g * mr[i];
-          gxr[i] += g * (T(1) - mr[i]);
+        if constexpr (kWithX) {
+          T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
+          for (int64_t i = 0; i < len; ++i) {
+            const T g = gr[i];
+            acc_m[i] += g * (pr[i] - xr[i]);
+            acc_p[i] += g * mr[i];
+            gxr[i] += g * (T(1) - mr[i]);
+          }
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            const T g = gr[i];
+            acc_m[i] += g * (pr[i] - xr[i]);
+            acc_p[i] += g * mr[i];
+          }
         }
       }
       std::copy_n(acc_p, len, grad_pattern + (t * s.C + c) * s.HW + lo);
@@ -444,8 +483,10 @@ struct CpuBackend {
   // Each task owns whole (t, row) query images: it draws that row's mask and
   // pattern once into a scratch of O(C*H*W) and stamps all N images with them.
   // g(theta_m) and g(theta_p) are computed once per trigger (O(T*d) memory).
+  // fresh: `out` was just allocated by the op (not a caller's buffer), so it
+  // may be advised to use huge pages before its first touch.
   static void nes_sample_stamp(const float* x, const float* theta_m, const float* theta_p,
-                               float* out, NesShape sh) {
+                               float* out, NesShape sh, bool fresh) {
     const StampShape& s = sh.s;
     const int64_t dm = s.Cm * s.HW, dp = s.C * s.HW, rows = sh.rows();
     const int64_t bm = (dm + 3) / 4, bp = (dp + 3) / 4;
@@ -455,7 +496,7 @@ struct CpuBackend {
       for (int64_t e = begin * dp; e < end * dp; ++e) pat[e] = squash(theta_p[e]);
     });
     const int64_t bytes = s.T * rows * s.N * dp * static_cast<int64_t>(sizeof(float));
-    advise_huge_pages(out, bytes);
+    if (fresh) advise_huge_pages(out, bytes);
     const bool stream = use_streaming(bytes);
     parallel(0, s.T * rows, grain_for(s.N * dp), [&](int64_t begin, int64_t end, auto isa) {
       std::vector<float> m_buf(4 * bm), p_buf(4 * bp);
@@ -602,10 +643,24 @@ struct CpuBackend {
     });
   }
 
+  // Same task layout as stamp_backward (grad_x == nullptr: not computed).
   template <typename T>
   static void pixel_stamp_backward(const T* grad, const T* x, const T* b_p, const T* b_n,
                                    T* grad_x, T* grad_p, T* grad_n, StampShape s, T maxp,
                                    bool use_tanh) {
+    if (grad_x == nullptr) {
+      const int64_t chunk = trigger_chunk(s.T, s.HW);
+      const int64_t chunks = (s.HW + chunk - 1) / chunk;
+      parallel(0, s.T * chunks, 1, [&](int64_t begin, int64_t end, auto) {
+        alignas(64) T pp[kMaxChunk], pn[kMaxChunk], acc[kMaxChunk];
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t t = item / chunks, lo = (item % chunks) * chunk;
+          pixel_backward_rows<T, false>(lo, std::min(s.HW, lo + chunk), t, grad, x, b_p, b_n,
+                                        nullptr, grad_p, grad_n, s, maxp, use_tanh, pp, pn, acc);
+        }
+      });
+      return;
+    }
     const int64_t chunk = spatial_chunk(s.HW);
     const int64_t chunks = (s.HW + chunk - 1) / chunk;
     parallel(0, chunks, 1, [&](int64_t begin, int64_t end, auto) {
@@ -615,38 +670,54 @@ struct CpuBackend {
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = 0; c < s.C; ++c)
             std::fill_n(grad_x + (n * s.C + c) * s.HW + lo, len, T(0));
-        for (int64_t t = 0; t < s.T; ++t) {
-          for (int64_t c = 0; c < s.C; ++c) {
-            const int64_t base = (t * s.C + c) * s.HW + lo;
-            perturbations(b_p + base, b_n + base, pp, pn, len, maxp, use_tanh);
-            std::fill_n(acc, len, T(0));
-            for (int64_t n = 0; n < s.N; ++n) {
-              const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
-              const T* xr = x + (n * s.C + c) * s.HW + lo;
-              T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
-              for (int64_t i = 0; i < len; ++i) {
-                const T passed =
-                    within(pixel_unclipped(xr[i], pp[i], pn[i]), T(0), maxp) ? gr[i] : T(0);
-                acc[i] += passed;
-                gxr[i] += passed;
-              }
-            }
-            // (loops unswitched on use_tanh so that the clip branch vectorises)
-            if (use_tanh) {
-              for (int64_t i = 0; i < len; ++i) {
-                grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, true);
-                grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, true);
-              }
-            } else {
-              for (int64_t i = 0; i < len; ++i) {
-                grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, false);
-                grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, false);
-              }
-            }
-          }
-        }
+        for (int64_t t = 0; t < s.T; ++t)
+          pixel_backward_rows<T, true>(lo, lo + len, t, grad, x, b_p, b_n, grad_x, grad_p,
+                                       grad_n, s, maxp, use_tanh, pp, pn, acc);
       }
     });
+  }
+
+  // Pixels lo .. hi-1 of trigger t, every channel; scratch pp, pn, acc of hi - lo.
+  template <typename T, bool kWithX>
+  static TS_ALWAYS_INLINE void pixel_backward_rows(int64_t lo, int64_t hi, int64_t t,
+                                                   const T* grad, const T* x, const T* b_p,
+                                                   const T* b_n, T* grad_x, T* grad_p,
+                                                   T* grad_n, const StampShape& s, T maxp,
+                                                   bool use_tanh, T* pp, T* pn, T* acc) {
+    const int64_t len = hi - lo;
+    for (int64_t c = 0; c < s.C; ++c) {
+      const int64_t base = (t * s.C + c) * s.HW + lo;
+      perturbations(b_p + base, b_n + base, pp, pn, len, maxp, use_tanh);
+      std::fill_n(acc, len, T(0));
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T* gr = grad + ((t * s.N + n) * s.C + c) * s.HW + lo;
+        const T* xr = x + (n * s.C + c) * s.HW + lo;
+        if constexpr (kWithX) {
+          T* gxr = grad_x + (n * s.C + c) * s.HW + lo;
+          for (int64_t i = 0; i < len; ++i) {
+            const T passed =
+                within(pixel_unclipped(xr[i], pp[i], pn[i]), T(0), maxp) ? gr[i] : T(0);
+            acc[i] += passed;
+            gxr[i] += passed;
+          }
+        } else {
+          for (int64_t i = 0; i < len; ++i)
+            acc[i] += within(pixel_unclipped(xr[i], pp[i], pn[i]), T(0), maxp) ? gr[i] : T(0);
+        }
+      }
+      // (loops unswitched on use_tanh so that the clip branch vectorises)
+      if (use_tanh) {
+        for (int64_t i = 0; i < len; ++i) {
+          grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, true);
+          grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, true);
+        }
+      } else {
+        for (int64_t i = 0; i < len; ++i) {
+          grad_p[base + i] = acc[i] * pixel_perturbation_grad(b_p[base + i], maxp, false);
+          grad_n[base + i] = -acc[i] * pixel_perturbation_grad(b_n[base + i], maxp, false);
+        }
+      }
+    }
   }
 
   // sum over pixels of max over channels of g(b / gamma), for b_p and b_n.

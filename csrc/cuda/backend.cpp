@@ -43,7 +43,7 @@ struct CudaBackend {
   }
 
   static void nes_sample_stamp(const float* x, const float* theta_m, const float* theta_p,
-                               float* out, NesShape sh) {
+                               float* out, NesShape sh, bool /*fresh*/) {
     check_launch(cuda::nes_sample_stamp(x, theta_m, theta_p, out, sh, current_stream()));
   }
 

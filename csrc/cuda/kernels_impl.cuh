@@ -458,7 +458,7 @@ CudaStatus stamp_backward(const T* grad, const T* x, const T* mask, const T* pat
     if (!status.ok()) return status;
   }
   const int64_t per_image = s.N * s.C * s.HW;
-  if (per_image > 0) {
+  if (per_image > 0 && grad_x != nullptr) {  // (nullptr: grad_x not requested)
     return launch_kernel("stamp_backward (grad_x)", stamp_backward_x_kernel<T>,
                          blocks_for(per_image, kThreads), kThreads, stream, grad, mask, grad_x,
                          s);
@@ -523,7 +523,7 @@ CudaStatus pixel_stamp_backward(const T* grad, const T* x, const T* b_p, const T
     if (!status.ok()) return status;
   }
   const int64_t per_image = s.N * s.C * s.HW;
-  if (per_image > 0) {
+  if (per_image > 0 && grad_x != nullptr) {  // (nullptr: grad_x not requested)
     return launch_kernel("pixel_stamp_backward (grad_x)", pixel_stamp_backward_x_kernel<T>,
                          blocks_for(per_image, kThreads), kThreads, stream, grad, x, b_p, b_n,
                          grad_x, s, maxp, use_tanh);

@@ -5,6 +5,7 @@
 // this header needs no CUDA header either), and returns a CudaStatus instead of
 // throwing: backend.cpp turns a failure into TORCH_CHECK.
 //
+// A grad_x of nullptr means "not requested": that reduction is skipped.
 // One launcher per Backend function used by ops_impl.h; the template ones are
 // instantiated for float and double in kernels.cu. Each computes exactly what
 // the CpuBackend loop of the same name computes (same element math from
