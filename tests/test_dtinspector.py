@@ -1,6 +1,6 @@
 """DTInspector and its mitigation: the confidence split, the verdict rules
 (degenerate ratios included), the fallbacks, reproducibility, detection on the
-quick zoo's blended backdoor against a clean model, and the dropped samples.
+quick zoo's BadNets model against a clean one, and the dropped samples.
 
 The generic white-box contract (errors, class subsets, seeds) runs over
 DTInspector too, in tests/test_scanners.py.
@@ -203,6 +203,13 @@ def test_drop_indices_stamps_each_flagged_labels_patch(quadrant_data):
     expected = torch.nonzero(y == 0).flatten()
     assert torch.equal(drop_indices(model, x, y, result), expected)
     assert torch.equal(drop_indices(model, x, None, result), expected)  # predicted labels
+    # a 2x2 corner of quadrant 0 blacked out: still predicted 0, but with p(0) < 0.995
+    mask.zero_()
+    mask[:, :2, :2] = 1
+    assert drop_indices(model, x, y, result).numel() == 0
+    assert torch.equal(drop_indices(model, x, y, result, confidence=0.995), expected)
+    with pytest.raises(ValueError, match="confidence"):
+        drop_indices(model, x, y, result, confidence=0)
     with pytest.raises(ValueError, match="labels: expected shape"):
         drop_indices(model, x, y[:3], result)
     nc_result = trigscan.scan(model, x[:8], y[:8], method="nc", max_steps=2)
@@ -232,26 +239,56 @@ def test_zoo_eval_gives_the_training_set(quick_zoo):
     assert seen == [(n_train, True)] * len(report["rows"])
 
 
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_scan_resumes_bitwise(quadrant_data, tmp_path, monkeypatch):
+    from trigscan import checkpoint as ck
+
+    model, x, y = quadrant_data
+    options = {"method": "dtinspector", "seed": 2, "max_steps": 12, "patience": 2}
+    reference = trigscan.scan(model, x, y, **options)
+    original, calls = ck.Checkpoint.save, []
+
+    def failing_save(self, state, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Interrupt
+        return original(self, state, **kw)
+
+    monkeypatch.setattr(ck.Checkpoint, "save", failing_save)
+    with pytest.raises(Interrupt):
+        trigscan.scan(model, x, y, checkpoint=tmp_path / "c.pt", **options)
+    monkeypatch.setattr(ck.Checkpoint, "save", original)
+    resumed = trigscan.scan(model, x, y, checkpoint=tmp_path / "c.pt", **options)
+    assert resumed.statistics == reference.statistics
+    assert [c.steps for c in resumed.per_class] == [c.steps for c in reference.per_class]
+    for a, b in zip(resumed.per_class, reference.per_class):
+        assert torch.equal(a.trigger["mask"], b.trigger["mask"])
+
+
 # ---------------------------------------------------------------------------
-# The quick zoo: blended backdoor (target 5) vs a clean model; mitigation
+# The quick zoo: BadNets backdoor (3x3 checker, target 0) vs a clean model;
+# the mitigation's dropped samples
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def blend_scan(quick_zoo):
+def badnets_scan(quick_zoo):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, x, y, poisoned = zoo_training_set(quick_zoo, "blend-cnn-grey")
+        model, x, y, poisoned = zoo_training_set(quick_zoo, "badnets-cnn-grey")
         return model, x, y, poisoned, trigscan.scan(model, x, y, method="dtinspector", **FAST)
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
-def test_detects_the_blended_backdoor_and_its_label(blend_scan):
-    *_, result = blend_scan
-    assert result.backdoored and 5 in result.targets, (result.statistics, result.anomaly.values)
+def test_detects_the_badnets_backdoor_and_its_label(badnets_scan):
+    *_, result = badnets_scan
+    assert result.backdoored and result.targets == [0], (result.statistics, result.anomaly.values)
     ratio = {c.target: c.statistic for c in result.per_class}
-    assert ratio[5] == min(ratio.values())
+    assert ratio[0] < 0.5 < min(r for z, r in ratio.items() if z != 0)
 
 
 @pytest.mark.slow
@@ -262,9 +299,9 @@ def test_clean_model_is_not_flagged(quick_zoo, one_thread):
 
 
 @pytest.mark.slow
-def test_mitigation_drops_mostly_poisoned_samples(blend_scan):
-    model, x, y, poisoned, result = blend_scan
+def test_mitigation_drops_mostly_poisoned_samples(badnets_scan):
+    model, x, y, poisoned, result = badnets_scan
     drop = drop_indices(model, x, y, result).numpy()
     hit = np.isin(drop, poisoned).sum()
     assert len(drop) and hit / len(drop) >= 0.8 and hit / len(poisoned) >= 0.5, (len(drop), hit)
-    assert set(y[drop].tolist()) <= set(result.targets)  # only samples of flagged labels
+    assert set(y[drop].tolist()) == {0}  # only samples of the flagged label

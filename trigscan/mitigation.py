@@ -20,13 +20,20 @@ from .result import ScanResult
 from .scanners.base import check_images, check_labels
 
 
-def drop_indices(model, images, labels, result: ScanResult, *, batch_size: int = 256) -> torch.Tensor:
+def drop_indices(model, images, labels, result: ScanResult, *, confidence: float | None = None,
+                 batch_size: int = 256) -> torch.Tensor:
     """Indices (sorted, long) of the training samples to drop.
 
     images: the training set the scan inspected, float [N, C, H, W] in [0, 1];
     labels: its training labels, or None to use the model's predictions;
-    result: a DTInspector ScanResult (its flagged labels and their patches).
+    result: a DTInspector ScanResult (its flagged labels and their patches);
+    confidence: None drops a sample when the patch changes its prediction (the
+    paper); a value c in (0, 1] also drops it when the patch leaves the model's
+    probability of its label below c (our option: catches poisoned samples
+    whose trigger the patch weakens without flipping them).
     """
+    if confidence is not None and not (isinstance(confidence, (int, float)) and 0 < confidence <= 1):
+        raise ValueError(f"confidence: expected None or a value in (0, 1], got {confidence!r}")
     if not isinstance(result, ScanResult) or result.method != "dtinspector":
         raise ValueError(f"result: expected a DTInspector ScanResult, got "
                          f"{getattr(result, 'method', type(result).__name__)!r}")
@@ -54,7 +61,11 @@ def drop_indices(model, images, labels, result: ScanResult, *, batch_size: int =
         for idx in torch.isin(labels, flagged).nonzero().flatten().split(batch_size):
             m, p = masks[row[labels[idx]]], patterns[row[labels[idx]]]
             stamped = (1 - m) * images[idx] + m * p
-            dropped.append(idx[model(stamped).argmax(1) != labels[idx]])
+            probs = model(stamped).softmax(dim=1)
+            moved = probs.argmax(1) != labels[idx]
+            if confidence is not None:
+                moved |= probs.gather(1, labels[idx, None]).squeeze(1) < confidence
+            dropped.append(idx[moved])
     return torch.cat(dropped).sort().values.cpu() if dropped else torch.zeros(0, dtype=torch.long)
 
 
@@ -73,12 +84,13 @@ def attack_rates(model, folder: Path, truth: dict) -> list[float]:
 
 
 def mitigate_zoo_model(folder, *, seed: int = 0, result: ScanResult | None = None,
-                       options: dict | None = None) -> dict:
+                       options: dict | None = None, confidence: float | None = None) -> dict:
     """Scan a zoo model with DTInspector (unless `result` is given), drop the
     exposed training samples, retrain the model from scratch on the rest with
     the zoo's own recipe (architecture, seed, epochs: ``trigscan.zoo.train.fit``)
     and report clean accuracy and ASR before and after.
 
+    options: DTInspector's options; confidence: see ``drop_indices``.
     Returns a dict: flagged labels, dropped / poisoned counts and how many of the
     dropped were poisoned, accuracy and per-rule ASR of the original and the
     retrained model (``asr`` is the highest over the rules), and timings.
@@ -103,12 +115,12 @@ def mitigate_zoo_model(folder, *, seed: int = 0, result: ScanResult | None = Non
     if result is None:
         result = trigscan.scan(model, x, y, method="dtinspector", seed=seed, **(options or {}))
     scan_s = time.perf_counter() - started
-    drop = drop_indices(model, x, y, result).numpy()
+    drop = drop_indices(model, x, y, result, confidence=confidence).numpy()
     poisoned = np.asarray(train["poisoned"], dtype=np.int64)
     hit = int(np.isin(drop, poisoned).sum())
     report = {
         "model": truth["name"], "backdoored": truth["backdoored"], "targets": truth["targets"],
-        "flagged": list(result.targets), "n_train": int(len(y)), "poisoned": int(len(poisoned)),
+        "flagged": list(result.targets), "confidence": confidence, "n_train": int(len(y)), "poisoned": int(len(poisoned)),
         "dropped": int(len(drop)), "dropped_poisoned": hit,
         "precision": hit / len(drop) if len(drop) else None,
         "recall": hit / len(poisoned) if len(poisoned) else None,
