@@ -2,8 +2,8 @@
 
 ``get("nc")`` returns the class; ``available()`` lists the names.  Each scanner
 class has ``access`` ("white" needs gradients, "black" only queries) and
-``needs_labels`` (True when the images must come with labels, e.g. the
-training set for DTInspector).
+``needs_labels`` (True when the images must come with labels); DTInspector
+says ``uses_training_set`` (it inspects the model's training set).
 """
 from __future__ import annotations
 
