@@ -371,6 +371,7 @@ def damaged(path: Path, tmp_path: Path, how: str) -> Path:
     return out
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, on the pickle file it refuses
 @pytest.mark.parametrize("how, message", [
     ("truncated", "unreadable"), ("garbage", "unreadable"), ("empty", "unreadable"),
     ("pickle", "unreadable"), ("not-a-checkpoint", "not a trigscan checkpoint"),
