@@ -720,6 +720,29 @@ struct CpuBackend {
     }
   }
 
+  // Channel max of each pixel of bt [C, HW] into best[0..HW), as the scalar
+  // loop `best = std::max(best, bt[c][i])` for c = 1..C-1 (channel-outer, so it
+  // vectorises; per pixel the same comparisons in the same order). With `arg`,
+  // also the first channel holding it (a later channel wins only if greater).
+  template <typename T>
+  static TS_ALWAYS_INLINE void channel_max(const T* bt, int64_t C, int64_t HW, T* best,
+                                           int32_t* arg) {
+    std::copy_n(bt, HW, best);
+    if (arg) std::fill_n(arg, HW, 0);
+    for (int64_t c = 1; c < C; ++c) {
+      const T* row = bt + c * HW;
+      if (arg) {
+        for (int64_t i = 0; i < HW; ++i) {
+          const bool greater = row[i] > best[i];
+          arg[i] = greater ? static_cast<int32_t>(c) : arg[i];
+          best[i] = greater ? row[i] : best[i];
+        }
+      } else {
+        for (int64_t i = 0; i < HW; ++i) best[i] = best[i] < row[i] ? row[i] : best[i];
+      }
+    }
+  }
+
   // sum over pixels of max over channels of g(b / gamma), for b_p and b_n.
   template <typename T>
   static void pixel_size_loss_forward(const T* b_p, const T* b_n, T* out, StampShape s, T gamma) {
@@ -728,12 +751,8 @@ struct CpuBackend {
       for (int64_t t = begin; t < end; ++t) {
         T total = 0;
         for (const T* b : {b_p, b_n}) {
-          const T* bt = b + t * s.C * s.HW;
-          for (int64_t i = 0; i < s.HW; ++i) {
-            T best = bt[i];
-            for (int64_t c = 1; c < s.C; ++c) best = std::max(best, bt[c * s.HW + i]);
-            v[i] = squash(best / gamma);
-          }
+          channel_max(b + t * s.C * s.HW, s.C, s.HW, v.data(), nullptr);
+          for (int64_t i = 0; i < s.HW; ++i) v[i] = squash(v[i] / gamma);
           for (int64_t i = 0; i < s.HW; ++i) total += v[i];  // in pixel order
         }
         out[t] = total;
@@ -746,18 +765,17 @@ struct CpuBackend {
   static void pixel_size_loss_backward(const T* grad, const T* b_p, const T* b_n, T* grad_p,
                                        T* grad_n, StampShape s, T gamma) {
     parallel(0, 2 * s.T, 1, [&](int64_t begin, int64_t end, auto) {
+      std::vector<T> best(s.HW);
+      std::vector<int32_t> arg(s.HW);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item >> 1, side = item & 1;
         const T* bt = (side == 0 ? b_p : b_n) + t * s.C * s.HW;
         T* gt = (side == 0 ? grad_p : grad_n) + t * s.C * s.HW;
-        std::fill_n(gt, s.C * s.HW, T(0));
-        for (int64_t i = 0; i < s.HW; ++i) {
-          int64_t arg = 0;
-          for (int64_t c = 1; c < s.C; ++c)
-            if (bt[c * s.HW + i] > bt[arg * s.HW + i]) arg = c;
-          const T g = squash(bt[arg * s.HW + i] / gamma);
-          gt[arg * s.HW + i] = grad[t] * squash_grad_from_value(g) / gamma;
-        }
+        channel_max(bt, s.C, s.HW, best.data(), arg.data());
+        for (int64_t i = 0; i < s.HW; ++i)
+          best[i] = grad[t] * squash_grad_from_value(squash(best[i] / gamma)) / gamma;
+        for (int64_t c = 0; c < s.C; ++c)
+          for (int64_t i = 0; i < s.HW; ++i) gt[c * s.HW + i] = arg[i] == c ? best[i] : T(0);
       }
     });
   }
