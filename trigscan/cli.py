@@ -185,7 +185,12 @@ def _method_names() -> list[str]:
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.cache, seed=args.seed)
+    summary = run_demo(args.cache, seed=args.seed, jobs=args.jobs)
+    wrong = [f"{model}/{method}" for model, m in summary["models"].items()
+             for method, r in m["results"].items() if not r["right"]]
+    if wrong:
+        print(f"demo: verdicts that do not match the truth: {', '.join(wrong)}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 
@@ -194,6 +199,8 @@ def add_demo(subparsers, common) -> None:
     d.add_argument("--cache", help="where the demo models are built once and reused "
                                    "(default $TRIGSCAN_CACHE or ~/.cache/trigscan/demo)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--jobs", type=int, default=2, choices=(1, 2),
+                   help="2 (default): both models in parallel processes; 1: in this process, with progress bars")
     d.set_defaults(func=_run_demo)
 
 

@@ -3,7 +3,7 @@ data, each scanned with Neural Cleanse and L-RED through the same code path as
 ``trigscan scan``; verdicts printed beside the truth, reports written as HTML.
 
 Models are small on purpose (an 8/16-channel CNN, 24x24 greyscale digits,
-about 3 s of training each on an idle core) and built once into the cache
+about 5 s of CPU time to train each) and built once into the cache
 (``--cache`` or $TRIGSCAN_CACHE, default ~/.cache/trigscan/demo); later runs
 reuse them, and reuse finished scans too (the report folders resume).
 """
@@ -25,7 +25,7 @@ EPOCHS = 12
 SCAN_IMAGES = 50  # class-balanced clean test images per scan
 # Settings kept small so the demo runs in a few minutes on 2 CPU cores; the
 # full defaults are in each scanner's Config.
-DEMO_METHODS = {"nc": {"max_steps": 300}, "lred": {"images_per_class": 4}}
+DEMO_METHODS = {"nc": {"max_steps": 300}, "lred": {"images_per_class": 4, "delta": 0.02}}
 VERSION = 2  # bump when the models or their data change: the cache is rebuilt
 
 
@@ -79,50 +79,77 @@ def train(backdoor: bool, seed: int = 2) -> tuple[nn.Module, dict]:
     return model, truth
 
 
-def build(cache: Path, out=print) -> dict:
-    """Train (or reuse) the two demo models; returns {name: folder}."""
+MODELS = {"badnets": True, "clean": False}  # name -> backdoored
+
+
+def build(folder: Path, backdoor: bool) -> dict | None:
+    """Train (or reuse) one demo model into `folder`; returns its truth when it
+    was trained now, None when it was reused."""
     from .data import balanced_subset, digits, save_npz
 
-    folders = {}
-    for name, backdoor in (("badnets", True), ("clean", False)):
-        folder = cache / name
-        folders[name] = folder
-        marker = folder / "truth.json"
-        if marker.exists() and json.loads(marker.read_text()).get("version") == VERSION:
-            continue
-        started = time.perf_counter()
-        folder.mkdir(parents=True, exist_ok=True)
-        model, truth = train(backdoor)
-        with warnings.catch_warnings():  # torch.jit's deprecation notices are not the user's concern
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(torch.jit.trace(model, torch.zeros(1, 1, 24, 24)), str(folder / "model.pt"))
-        xt, yt = digits(24, "test")
-        idx = torch.from_numpy(balanced_subset(yt.numpy(), SCAN_IMAGES, seed=0))
-        save_npz(folder / "scan.npz", x=xt[idx], y=yt[idx])
-        truth["version"] = VERSION
-        marker.write_text(json.dumps(truth, indent=2) + "\n")  # written last: marks the folder complete
-        out(f"  trained {name}: clean accuracy {truth['clean_accuracy']:.3f}, trigger success "
-            f"{truth['trigger_success']:.3f} ({time.perf_counter() - started:.0f} s)")
-    return folders
+    marker = folder / "truth.json"
+    if marker.exists() and json.loads(marker.read_text()).get("version") == VERSION:
+        return None
+    started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    model, truth = train(backdoor)
+    with warnings.catch_warnings():  # torch.jit's deprecation notices are not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.trace(model, torch.zeros(1, 1, 24, 24)), str(folder / "model.pt"))
+    xt, yt = digits(24, "test")
+    idx = torch.from_numpy(balanced_subset(yt.numpy(), SCAN_IMAGES, seed=0))
+    save_npz(folder / "scan.npz", x=xt[idx], y=yt[idx])
+    truth.update(version=VERSION, train_s=time.perf_counter() - started)
+    marker.write_text(json.dumps(truth, indent=2) + "\n")  # written last: marks the folder complete
+    return truth
 
 
-def run_demo(cache: Path | None = None, out=print, seed: int = 0, progress: bool | None = None) -> dict:
-    """Build (or reuse) the demo models, scan them, print and return the verdicts."""
+def _model_job(name: str, cache: str, seed: int, progress) -> dict:
+    """One model from training to report (run in a worker process, one thread:
+    these tiny networks gain nothing from more)."""
     from .runner import run_scan
+
+    torch.set_num_threads(1)
+    folder = Path(cache) / name
+    trained = build(folder, MODELS[name])
+    truth = json.loads((folder / "truth.json").read_text())
+    report = run_scan(folder / "model.pt", folder / "scan.npz", list(DEMO_METHODS), folder / "report",
+                      seed=seed, options=DEMO_METHODS, progress=progress)
+    return {"name": name, "trained": trained is not None, "truth": truth, "results": report["results"],
+            "report": str(folder / "report" / "report.html")}
+
+
+def run_demo(cache: Path | None = None, out=print, seed: int = 0, jobs: int = 2) -> dict:
+    """Build (or reuse) the demo models, scan them, print and return the verdicts.
+
+    jobs: models handled in parallel processes (2: one per model and core; 1:
+    in this process, with progress bars)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     cache = Path(cache) if cache is not None else default_cache()
     started = time.perf_counter()
-    out(f"demo models in {cache} (trained once, then reused)")
-    folders = build(cache, out)
+    out(f"demo models in {cache} (trained once, then reused); "
+        + ("both models in parallel processes, one thread each" if jobs > 1 else "one model after the other"))
+    if jobs > 1:
+        with ProcessPoolExecutor(min(jobs, len(MODELS)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_model_job, name, str(cache), seed, False) for name in MODELS]
+            done = [f.result() for f in futures]
+    else:
+        threads = torch.get_num_threads()
+        try:
+            done = [_model_job(name, str(cache), seed, None) for name in MODELS]
+        finally:
+            torch.set_num_threads(threads)
     summary = {"models": {}, "cache": str(cache)}
-    for name, folder in folders.items():
-        truth = json.loads((folder / "truth.json").read_text())
+    for job in done:
+        truth = job["truth"]
         truth_text = f"backdoored, target {truth['targets']}" if truth["backdoored"] else "clean"
-        out(f"\n{name} model  (truth: {truth_text}; clean accuracy {truth['clean_accuracy']:.3f})")
-        report = run_scan(folder / "model.pt", folder / "scan.npz", list(DEMO_METHODS), folder / "report",
-                          seed=seed, options=DEMO_METHODS, progress=progress)
+        trained = f"trained now in {truth['train_s']:.0f} s" if job["trained"] else "reused"
+        out(f"\n{job['name']} model  (truth: {truth_text}; clean accuracy {truth['clean_accuracy']:.3f}; "
+            f"{trained})")
         results = {}
-        for entry in report["results"]:
+        for entry in job["results"]:
             a = entry["anomaly"]
             verdict = f"BACKDOORED, target {entry['targets']}" if entry["backdoored"] else "clean"
             extra = (f"p-value {a['p_value']:.2g}" if a["kind"] == "gamma" else
@@ -132,9 +159,8 @@ def run_demo(cache: Path | None = None, out=print, seed: int = 0, progress: bool
                 f"  {'right' if right else 'WRONG'}")
             results[entry["method"]] = {"backdoored": entry["backdoored"], "targets": entry["targets"],
                                         "right": right}
-        out(f"  report: {folder / 'report' / 'report.html'}")
-        summary["models"][name] = {"truth": truth, "results": results,
-                                   "report": str(folder / "report" / "report.html")}
+        out(f"  report: {job['report']}")
+        summary["models"][job["name"]] = {"truth": truth, "results": results, "report": job["report"]}
     summary["elapsed_s"] = time.perf_counter() - started
     out(f"\ndemo finished in {summary['elapsed_s']:.0f} s")
     return summary
