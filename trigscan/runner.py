@@ -29,6 +29,7 @@ import importlib
 import json
 import re
 import time
+import types
 import typing
 import zipfile
 from pathlib import Path
@@ -264,7 +265,7 @@ def _coerce(value, hint, where: str):
         except ValueError:
             value = {"none": None, "true": True, "false": False}.get(text.lower(), text)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
@@ -276,8 +277,8 @@ def _coerce(value, hint, where: str):
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
             raise ValueError(f"{where}: expected {_type_name(hint)} (a JSON list), got {value!r}")
-        types = [args[0]] * len(value) if args and args[-1] is Ellipsis else list(args) or [Any] * len(value)
-        return tuple(_coerce(v, t, where) for v, t in zip(value, types))
+        items = [args[0]] * len(value) if args and args[-1] is Ellipsis else list(args) or [Any] * len(value)
+        return tuple(_coerce(v, t, where) for v, t in zip(value, items))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -312,14 +313,14 @@ def resolve_options(methods: Sequence[str], options) -> dict[str, dict]:
     from . import scanners
 
     classes = {m: scanners.get(m) for m in methods}
-    types = {m: _config_types(c) for m, c in classes.items()}
+    hints = {m: _config_types(c) for m, c in classes.items()}
     resolved: dict[str, dict] = {m: {} for m in methods}
 
     def put(method, key, value, where):
-        if key not in types[method]:
+        if key not in hints[method]:
             raise ValueError(f"{where}: method {method!r} has no option {key!r} "
-                             f"(its options: {', '.join(sorted(types[method]))})")
-        resolved[method][key] = _coerce(value, types[method][key], where)
+                             f"(its options: {', '.join(sorted(hints[method]))})")
+        resolved[method][key] = _coerce(value, hints[method][key], f"{where} ({method}.{key})")
 
     if options is None:
         pass
@@ -339,12 +340,12 @@ def resolve_options(methods: Sequence[str], options) -> dict[str, dict]:
             if dot and method in resolved:
                 put(method, name, raw, where)
                 continue
-            if dot and not any(key in types[m] for m in methods):
+            if dot and not any(key in hints[m] for m in methods):
                 raise ValueError(f"{where}: method {method!r} is not among --method {list(methods)}")
-            takers = [m for m in methods if key in types[m]]
+            takers = [m for m in methods if key in hints[m]]
             if not takers:
-                raise ValueError(f"{where}: no chosen method has an option {key!r} "
-                                 + "; ".join(f"{m}: {', '.join(sorted(types[m]))}" for m in methods))
+                raise ValueError(f"{where}: no chosen method has an option {key!r} (options: "
+                                 + "; ".join(f"{m}: {', '.join(sorted(hints[m]))}" for m in methods) + ")")
             for m in takers:
                 put(m, key, raw, where)
     for method, cls in classes.items():  # the scanner's own range checks, before any work
