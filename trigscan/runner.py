@@ -520,8 +520,11 @@ def _probe(loaded: LoadedModel, x) -> tuple[int, list[int] | None]:
     try:
         return loaded.model.probe(x), list(x.shape[1:])
     except ModelError as exc:
+        # a TorchScript error carries the model's code and traceback; its last line says what failed
+        cause = exc.__cause__ or exc
+        reason = [line for line in str(cause).splitlines() if line.strip()][-1:] or [type(cause).__name__]
         raise ValueError(f"--data: the model does not accept these images, shape {list(x.shape[1:])} "
-                         f"(C, H, W): {exc}") from None
+                         f"(C, H, W): {reason[0].strip()}") from None
 
 
 def _noise_like(shape, seed: int) -> torch.Tensor:
