@@ -304,3 +304,19 @@ def test_statistic_threshold_is_where_the_gamma_p_value_is_phi():
     threshold = statistic_threshold(entry)
     assert max(r[:-1]) < threshold < r[-1]
     assert gamma_order_pvalue(r[:-1] + [threshold])["p_value"] == pytest.approx(0.05, abs=1e-6)
+
+
+def test_image_folder_data(zoo_files, tmp_path, capsys):
+    from PIL import Image
+
+    test = read_npz(zoo_files["small"])
+    for i, (x, y) in enumerate(zip(test["x"], test["y"])):
+        (tmp_path / "imgs" / f"c{y}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[0] * 255).round().astype(np.uint8), "L").save(tmp_path / "imgs" / f"c{y}" / f"{i}.png")
+    model = zoo_files["root"] / "clean-cnn-grey-s0" / "model.pt"
+    code, _, err = scan([model, "--data", tmp_path / "imgs", "--method", "nc", "--out", tmp_path / "out", *NC_TINY],
+                        capsys)
+    assert code in (0, 10), err
+    data = json.loads((tmp_path / "out" / "report.json").read_text())["data"]
+    assert data["format"] == "folder" and data["n"] == 20 and data["shape"] == [1, 24, 24]
+    assert data["classes"] == [f"c{c}" for c in range(10)] and len(data["sha256"]) == 64
