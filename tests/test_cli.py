@@ -8,7 +8,6 @@ scanners, except the L-RED scan that must give exit code 10."""
 import hashlib
 import json
 import pickle
-import zipfile
 
 import numpy as np
 import pytest
