@@ -33,14 +33,6 @@ def zoo_training_set(quick_zoo, name):
             torch.as_tensor(train["y"]), train["poisoned"])
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------
 # The confidence split
 # ---------------------------------------------------------------------------

@@ -462,14 +462,6 @@ def train_digits_cnn(backdoor: bool, seed: int = 2) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def digits_models():
     from trigscan.data import balanced_subset, digits
