@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..checkpoint import (Checkpoint, load_fields, module_digest, restore_into, tensor_digest, tensor_fields,
                           to_device)
