@@ -23,8 +23,8 @@
 // * Backward reductions: each task owns a spatial chunk (all t, n, c of a range
 //   of pixels; x and grad_x of the chunk stay in L2) and sweeps contiguous rows
 //   of it with the per-pixel accumulators in L1.
-// * Outputs larger than twice the last-level cache (the NES query batch: tens to
-//   hundreds of MiB) are advised to use transparent huge pages before their first
+// * Large outputs (twice the last-level cache, at most 128 MiB; the NES query
+//   batch: tens to hundreds of MiB) are advised to use transparent huge pages before their first
 //   touch: one fault per 2 MiB instead of per 4 KiB (on this project's VMs a
 //   4 KiB fault costs ~3 us, more than writing the page). They are also written
 //   with non-temporal stores, which saves the read-for-ownership when the memory
@@ -184,6 +184,16 @@ int64_t last_level_cache_bytes() {
   return cached;
 }
 
+// An output this large cannot stay in the caches. Twice the last-level cache,
+// but at most 128 MiB: a VM may report its host socket's whole L3 (300 MiB on
+// this project's 2-vCPU Xeon VMs), of which it holds far less -- measured there,
+// streaming stores win from between 75 and 150 MiB on (2x at 150-375 MiB).
+int64_t large_output_bytes() {
+  static const int64_t bytes = std::clamp<int64_t>(2 * last_level_cache_bytes(),
+                                                   int64_t(16) << 20, int64_t(128) << 20);
+  return bytes;
+}
+
 // Outputs at least this large bypass the caches: they cannot stay in them anyway.
 int64_t stream_threshold() {
   static const int64_t threshold = [] {
@@ -191,7 +201,7 @@ int64_t stream_threshold() {
       if (std::strcmp(env, "0") == 0) return INT64_MAX;
       if (std::strcmp(env, "1") == 0) return int64_t(0);
     }
-    return std::max<int64_t>(2 * last_level_cache_bytes(), int64_t(16) << 20);
+    return large_output_bytes();
   }();
   return threshold;
 }
@@ -213,7 +223,7 @@ void advise_huge_pages(void* data, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   if (!huge_pages_enabled() ||
-      bytes < std::max<int64_t>(int64_t(32) << 20, 2 * last_level_cache_bytes()))
+      bytes < std::max<int64_t>(int64_t(32) << 20, large_output_bytes()))
     return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
