@@ -338,7 +338,7 @@ class _PatchVote:
         self.share = share
 
     def scan(self, model, images, labels=None, seed=0):
-        type(self).seen.append(len(images))
+        type(self).seen.append((len(images), labels is not None))
         with torch.no_grad():
             pred = torch.as_tensor(model(Patch(3, (-4, -4), "checker").apply(images))).argmax(1)
         frac = torch.bincount(pred, minlength=10).float() / len(pred)
@@ -351,10 +351,22 @@ class _PatchVote:
                           config={"share": self.share}, seed=seed, elapsed_s=0.0)
 
 
+class _NoiseVote(_PatchVote):
+    """Stand-in for a scanner that makes its own inputs (B3D-SS): takes no images."""
+
+    uses_images = False
+
+    def scan(self, model, images, labels=None, seed=0):
+        type(self).seen.append((images, labels))
+        return super().scan(model, torch.rand(20, 1, 24, 24), None, seed)
+
+
 @pytest.fixture
 def fake_scanners():
     names = {"patch-vote": (_PatchVote, {}), "patch-vote-labels": (_PatchVote, {"needs_labels": True}),
-             "patch-vote-black": (_PatchVote, {"access": "black"})}
+             "patch-vote-train": (_PatchVote, {"uses_training_set": True}),
+             "patch-vote-black": (_PatchVote, {"access": "black"}),
+             "patch-vote-noise": (_NoiseVote, {})}
     for name, (base, attrs) in names.items():
         scanners.register(name)(type(name.replace("-", "_"), (base,), dict(attrs)))
     yield list(names)
@@ -367,14 +379,17 @@ def test_zoo_eval_table_and_json(quick_zoo, fake_scanners, tmp_path, capsys):
     out = tmp_path / "eval.json"
     _PatchVote.seen.clear()
     assert main(["zoo", "eval", str(root), "--method", "patch-vote", "--method", "patch-vote-labels",
-                 "--option", "patch-vote.share=0.6", "--images", "50", "--out", str(out), "--quiet"]) == 0
+                 "--method", "patch-vote-train", "--option", "patch-vote.share=0.6", "--images", "50",
+                 "--out", str(out), "--quiet"]) == 0
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     n_train = index["models"][0]["n_train"]
-    assert _PatchVote.seen == [50] * 5 + [n_train] * 5  # test subset, or the training set with labels
+    # the labelled clean test subset for every scanner (L-RED's few images per class come
+    # from it), the (poisoned) training set only for scanners that inspect it
+    assert _PatchVote.seen == [(50, True)] * 10 + [(n_train, True)] * 5
     assert report["options"] == {"patch-vote": {"share": 0.6}}
     rows = {(r["method"], r["model"]): r for r in report["rows"]}
-    for method in ("patch-vote", "patch-vote-labels"):
+    for method in ("patch-vote", "patch-vote-labels", "patch-vote-train"):
         # it finds the BadNets backdoor (target 0) and nothing else
         assert rows[method, "badnets-cnn-grey"]["found"] == [0] and rows[method, "badnets-cnn-grey"]["correct"]
         for name in ("clean-cnn-grey-s0", "clean-cnn-grey-s1"):
@@ -387,6 +402,19 @@ def test_zoo_eval_table_and_json(quick_zoo, fake_scanners, tmp_path, capsys):
         assert f"{method}: accuracy 60.0%" in table
     assert rows["patch-vote", "badnets-cnn-grey"]["statistic"]["true_targets"]["0"][0] > 0.9
     assert "badnets-cnn-grey" in table and "bd->0" in table
+
+
+def test_zoo_eval_gives_no_images_to_scanners_that_make_their_own(quick_zoo, fake_scanners):
+    from trigscan.zoo.evaluate import evaluate
+
+    root, _ = quick_zoo
+    _PatchVote.seen.clear()
+    report = evaluate(root, ["patch-vote-noise"], n_images=20, quiet=True)
+    assert not any(r["error"] for r in report["rows"])
+    assert _PatchVote.seen[::2] == [(None, None)] * 5  # (then its own 20 noise images, unlabelled)
+    assert scanners.scan_data(scanners.get("b3d-ss")) == "none"
+    assert scanners.scan_data(scanners.get("dtinspector")) == "training"
+    assert scanners.scan_data(scanners.get("lred")) == scanners.scan_data(scanners.get("nc")) == "clean"
 
 
 def test_zoo_eval_black_box_needs_load_model(quick_zoo, fake_scanners):

@@ -248,7 +248,7 @@ def plan_tasks(entries: list[dict], *, defaults: dict | None = None, methods=Non
         for method in chosen:
             cls = scanners.get(method)
             black = getattr(cls, "access", "white") == "black"
-            training = getattr(cls, "needs_labels", False) or getattr(cls, "uses_training_set", False)
+            training = scanners.scan_data(cls) == "training"
             model = (value("onnx") if black else None) or value("model")
             data = (value("train_data") if training else None) or value("data")
             task_device = "cpu" if str(model).lower().endswith(".onnx") else device

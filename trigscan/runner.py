@@ -468,8 +468,7 @@ def run_scan(model, data, methods: Sequence[str], out_dir, *, weights=None, seed
         scanner = cls(**resolved[method])
         view = loaded.for_method(cls, input_shape, budget)
         checkpoint = report_mod.checkpoint_file(out, method) if cls.resumable else None
-        images = None if method == "b3d-ss" else x
-        labels = None if method == "b3d-ss" else y
+        images, labels = (None, None) if scanners.scan_data(cls) == "none" else (x, y)
         tagged = (lambda e, m=method: emit({**e, "method": m}))
         try:
             with progress_events.listen(tagged):

@@ -23,7 +23,7 @@
 // * Backward reductions: each task owns a spatial chunk (all t, n, c of a range
 //   of pixels; x and grad_x of the chunk stay in L2) and sweeps contiguous rows
 //   of it with the per-pixel accumulators in L1.
-// * Large outputs (twice the last-level cache, at most 128 MiB; the NES query
+// * Large outputs (twice the last-level cache, at most 64 MiB; the NES query
 //   batch: tens to hundreds of MiB) are advised to use transparent huge pages before their first
 //   touch: one fault per 2 MiB instead of per 4 KiB (on this project's VMs a
 //   4 KiB fault costs ~3 us, more than writing the page). They are also written
@@ -185,12 +185,14 @@ int64_t last_level_cache_bytes() {
 }
 
 // An output this large cannot stay in the caches. Twice the last-level cache,
-// but at most 128 MiB: a VM may report its host socket's whole L3 (300 MiB on
-// this project's 2-vCPU Xeon VMs), of which it holds far less -- measured there,
-// streaming stores win from between 75 and 150 MiB on (2x at 150-375 MiB).
+// but at most 64 MiB: a VM may report its host socket's whole L3 (300 MiB on
+// this project's 2-vCPU Xeon VMs), shared with other tenants. Measured there:
+// a 70 MiB NES batch took 2.4 ms with plain stores and 2.8 ms streamed while the
+// host was idle, but 11.5 vs 5.5 ms (one thread) once another process used the
+// cache; at 150-375 MiB streaming halves the time either way.
 int64_t large_output_bytes() {
   static const int64_t bytes = std::clamp<int64_t>(2 * last_level_cache_bytes(),
-                                                   int64_t(16) << 20, int64_t(128) << 20);
+                                                   int64_t(16) << 20, int64_t(64) << 20);
   return bytes;
 }
 

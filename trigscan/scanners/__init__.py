@@ -1,9 +1,11 @@
 """The scanner registry: every method registers its class under a short name.
 
 ``get("nc")`` returns the class; ``available()`` lists the names.  Each scanner
-class has ``access`` ("white" needs gradients, "black" only queries) and
-``needs_labels`` (True when the images must come with labels); DTInspector
-says ``uses_training_set`` (it inspects the model's training set).
+class has ``access`` ("white" needs gradients, "black" only queries),
+``needs_labels`` (True when the images must come with labels),
+``uses_training_set`` (DTInspector: it inspects the model's training set) and
+``uses_images`` (False for B3D-SS, which makes its own noise inputs);
+``scan_data`` reads them in one place for every caller that feeds scanners.
 """
 from __future__ import annotations
 
@@ -31,3 +33,14 @@ def get(name: str) -> type:
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def scan_data(cls) -> str:
+    """What a scanner class scans: ``"training"`` (the model's training set with its
+    labels), ``"none"`` (no images: it makes its own inputs) or ``"clean"`` (clean
+    images, with labels when it ``needs_labels``)."""
+    if getattr(cls, "uses_training_set", False):
+        return "training"
+    if not getattr(cls, "uses_images", True):
+        return "none"
+    return "clean"

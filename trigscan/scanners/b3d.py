@@ -267,6 +267,7 @@ class B3DSS(B3D):
     """B3D-SS: B3D on synthetic uniform-noise images; no data needed."""
 
     Config = B3DSSConfig
+    uses_images = False
 
     def scan(self, model, images=None, labels=None, *, seed=0, classes=None, progress=None,
              checkpoint=None):

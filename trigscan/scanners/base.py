@@ -78,13 +78,16 @@ class Scanner:
     """Base of every method: configuration in the constructor, `scan` does the work.
 
     Subclasses define ``Config`` (a dataclass of the method's options with the
-    papers' defaults), ``access`` ("white" or "black"), ``needs_labels``, and
+    papers' defaults), ``access`` ("white" or "black"), ``needs_labels``,
+    ``uses_training_set``, ``uses_images`` (see ``scanners.scan_data``) and
     ``_scan``.
     """
 
     name = "base"
     access = "white"
     needs_labels = False
+    uses_training_set = False
+    uses_images = True
     resumable = False  # True once _scan loads and saves its checkpoint
 
     @dataclasses.dataclass

@@ -35,9 +35,9 @@ def zoo_models(directory) -> list[tuple[Path, dict]]:
 
 
 def scan_inputs(folder: Path, training_set: bool, n_images: int, seed: int):
-    """Scan images and labels: a fixed, class-balanced subset of the clean test set,
-    or the whole (poisoned) training set with its labels for scanners that need
-    labelled data (``needs_labels``) or inspect the training set (``uses_training_set``)."""
+    """Scan images and labels: a fixed, class-balanced subset of the clean test set
+    (with its labels), or the whole (poisoned) training set with its labels for
+    scanners that inspect the training set (``uses_training_set``)."""
     arrays = read_npz(folder / ("train.npz" if training_set else "test.npz"))
     x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
     if training_set:
@@ -121,8 +121,9 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
                    "targets": truth["targets"], "verdict": None, "found": [], "correct": False, "error": None}
             t0 = time.perf_counter()
             try:
-                training_set = getattr(cls, "needs_labels", False) or getattr(cls, "uses_training_set", False)
-                images, labels = scan_inputs(folder, training_set, n_images, seed)
+                data = scanners.scan_data(cls)
+                images, labels = ((None, None) if data == "none" else
+                                  scan_inputs(folder, data == "training", n_images, seed))
                 model = open_model(folder, getattr(cls, "access", "white"), m)
                 result = scanner.scan(model, images, labels, seed=seed)
                 row["verdict"] = bool(result.backdoored)
