@@ -41,10 +41,34 @@ def test_lred_needs_labels_and_two_images_per_class(quick_zoo):
     with pytest.raises(ValueError, match="labels: method 'lred' needs the labels"):
         trigscan.scan(model, x, method="lred")
     keep = torch.cat([torch.nonzero(y != 7).flatten(), torch.nonzero(y == 7).flatten()[:1]])
-    with pytest.raises(ValueError, match="labels: class 7 has 1 image"):
+    with pytest.raises(ValueError, match=r"labels: class 7 has 1 image\(s\), 1 classified as 7"):
         trigscan.scan(model, x[keep], y[keep], method="lred", max_steps=2)
     with pytest.raises(ValueError, match="images_per_class"):
         trigscan.scan(model, x, y, method="lred", images_per_class=1)
+
+
+def test_lred_draws_only_correctly_classified_images(quick_zoo):
+    """The paper's detection images are correctly classified: images the model gets
+    wrong are never drawn, and a class left with one correct image is refused."""
+    from trigscan.models import as_white_box
+    from trigscan.scanners.lred import LRED
+
+    model, x, y = zoo_model(quick_zoo, "clean-cnn-grey-s0")
+    model = as_white_box(model)
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    fives = torch.nonzero((y == 5) & (predicted == 5)).flatten()
+    labels = y.clone()
+    labels[fives[2:]] = 6  # fives called sixes: the model gets all of these wrong
+    scanner = LRED(images_per_class=len(x))  # draw every image it accepts
+    xs, ys = scanner._per_class_subset(model, x, labels, 10, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(xs).argmax(1), ys)
+    assert int((ys == 6).sum()) == int(((labels == 6) & (predicted == 6)).sum())
+    assert int((ys == 5).sum()) == 2
+    labels[fives[1]] = 6
+    with pytest.raises(ValueError, match=r"labels: class 5 has \d+ image\(s\), 1 classified as 5"):
+        scanner._per_class_subset(model, x, labels, 10, torch.Generator().manual_seed(0))
 
 
 def test_lred_statistics_are_reproducible(quick_zoo):

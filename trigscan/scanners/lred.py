@@ -52,7 +52,7 @@ class LRED(Scanner):
         cfg = self.config
         num_classes = model.num_classes
         generator = torch.Generator().manual_seed(seed)
-        x, y = self._per_class_subset(images, labels, num_classes, generator)
+        x, y = self._per_class_subset(model, images, labels, num_classes, generator)
         device = x.device
         members = F.one_hot(y, num_classes).float()  # [M, K]
         members = members / members.sum(0, keepdim=True)  # column s averages over D_s
@@ -135,17 +135,24 @@ class LRED(Scanner):
         logits = (q / temperature.clamp_min(1e-12)[:, None]).masked_fill(not_self == 0, -math.inf)
         return torch.where((q_weighted > 0)[:, None], logits.softmax(dim=1), uniform)
 
-    def _per_class_subset(self, images, labels, num_classes, generator):
-        """Up to images_per_class images of every class (random, seeded)."""
+    def _per_class_subset(self, model, images, labels, num_classes, generator):
+        """Up to images_per_class images of every class (random, seeded), drawn among
+        the images the model classifies correctly: the paper assumes its clean
+        detection images are, and one the model already sends to t would count as
+        a misclassification that v did not cause."""
         n = self.config.images_per_class
         if n < 2:
             raise ValueError(f"images_per_class: L-RED needs at least 2, got {n}")
+        with torch.no_grad():
+            predicted = torch.cat([model(chunk).argmax(1) for chunk in images.split(256)])
         chosen = []
         for c in range(num_classes):
-            idx = (labels == c).nonzero().flatten().cpu()
+            of_class = labels == c
+            idx = (of_class & (predicted == c)).nonzero().flatten().cpu()
             if idx.numel() < 2:
-                raise ValueError(f"labels: class {c} has {idx.numel()} image(s); L-RED needs "
-                                 "at least 2 clean images of every class")
+                raise ValueError(f"labels: class {c} has {int(of_class.sum())} image(s), "
+                                 f"{idx.numel()} classified as {c} by the model; L-RED needs at "
+                                 "least 2 correctly classified clean images of every class")
             chosen.append(idx[torch.randperm(idx.numel(), generator=generator)[:n]])
         chosen = torch.cat(chosen).to(images.device)
         return images[chosen], labels[chosen]
