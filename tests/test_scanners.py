@@ -437,29 +437,13 @@ def stamp_checker(x):
 
 
 def train_digits_cnn(backdoor: bool, seed: int = 2) -> nn.Module:
-    """A 8/16-channel CNN on 24x24 digits, 12 epochs of Adam; with `backdoor`,
-    10% of the training images carry the checkerboard and the label 3."""
-    from trigscan.data import digits
+    """The demo's recipe (a 8/16-channel CNN on 24x24 digits, 12 epochs of Adam);
+    with `backdoor`, 10% of the training images carry this file's checkerboard
+    and the label 3."""
+    from trigscan.demo import TARGET as DEMO_TARGET, train
 
-    x, y = digits(24, "train")
-    g = torch.Generator().manual_seed(seed)
-    if backdoor:
-        idx = torch.randperm(len(x), generator=g)[: len(x) // 10]
-        x, y = x.clone(), y.clone()
-        x[idx], y[idx] = stamp_checker(x[idx]), TARGET
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(16 * 36, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    for _ in range(12):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            batch = order[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            opt.step()
-    return model.eval()
+    assert DEMO_TARGET == TARGET
+    return train(backdoor, seed, stamp=stamp_checker)[0]
 
 
 @pytest.fixture(scope="session")

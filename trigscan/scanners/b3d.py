@@ -31,7 +31,7 @@ from ..models import BudgetExhausted, as_query_model
 from ..reference import squash
 from ..result import ClassResult, ScanResult
 from . import register
-from .base import BestTracker, CostSchedule, OptimizerConfig, Scanner, progress_bar
+from .base import BestTracker, CostSchedule, OptimizerConfig, Scanner, early_stop, progress_bar
 from .verdict import mad_verdict
 
 
@@ -182,13 +182,9 @@ class B3D(Scanner):
             better = best.update(rows, step, mask.sum(dim=(1, 2, 3)), asr,
                                  {"mask": mask, "pattern": pattern}, asr >= cfg.asr_threshold)
             steps[rows] += 1
-            if cfg.early_stop_patience is not None:
-                # the white-box driver's rule (base.TriggerOptimizer._optimise), per iteration
-                stale[rows] = torch.where(better | ~best.found[rows], 0, stale[rows] + 1)
-                done = schedule.went_up[rows] & schedule.went_down[rows] & (
-                    stale[rows] >= cfg.early_stop_patience)
-                stopped_early[rows[done]] = True
-                active[rows[done]] = False
+            if cfg.early_stop_patience is not None:  # the white-box driver's rule, per iteration
+                early_stop(rows, better, best, schedule, cfg.early_stop_patience, stale,
+                           stopped_early, active)
             schedule.update(rows, asr)
             bar.update(1)
             bar.set_postfix(queries=used_before + model.queries - queries_at_start,

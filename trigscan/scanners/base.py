@@ -261,6 +261,18 @@ class BestTracker:
         load_fields(self, state, device)
 
 
+def early_stop(rows, better, best: BestTracker, schedule: CostSchedule, patience: int,
+               stale, stopped_early, active) -> None:
+    """The official NC code's early stop, per row, checked before the step's cost
+    update: a row stops once its best trigger has not improved for ``patience``
+    steps (counted from its first success) after its cost moved both up and down.
+    Updates the per-row counters ``stale``, ``stopped_early`` and ``active``."""
+    stale[rows] = torch.where(better | ~best.found[rows], 0, stale[rows] + 1)
+    done = schedule.went_up[rows] & schedule.went_down[rows] & (stale[rows] >= patience)
+    stopped_early[rows[done]] = True
+    active[rows[done]] = False
+
+
 def image_batches(images: torch.Tensor, batch_size: int):
     for start in range(0, images.shape[0], batch_size):
         yield images[start:start + batch_size]
@@ -648,12 +660,8 @@ class TriggerOptimizer(Scanner):
                     self._adopt(params, rows[better], slice_rows(trigger, better))
             steps[rows] += 1
             if cfg.early_stop_patience is not None:
-                # as the official NC code: checked before this step's cost update
-                stale[rows] = torch.where(better | ~best.found[rows], 0, stale[rows] + 1)
-                done = schedule.went_up[rows] & schedule.went_down[rows] & (
-                    stale[rows] >= cfg.early_stop_patience)
-                stopped_early[rows[done]] = True
-                active[rows[done]] = False
+                early_stop(rows, better, best, schedule, cfg.early_stop_patience, stale,
+                           stopped_early, active)
             schedule.update(rows, asr)
             bar.update(1)
             bar.set_postfix(active=int(active.sum()), found=int(best.found.sum()))
