@@ -3,7 +3,7 @@
 // element, and every reduction runs in a fixed order (results do not depend on
 // the thread count, nor on the instruction set the loops are compiled for).
 //
-// Speed (docs/benchmarks.md has the measurements):
+// Speed (the README's Benchmarks section has the measurements):
 // * Every loop body is compiled three times -- baseline x86-64, AVX2+FMA and
 //   AVX-512 -- through GCC/Clang `target` attributes, and the best one the CPU
 //   supports is picked at run time (override: TRIGSCAN_CPU_ISA=base|avx2|avx512,
