@@ -1,0 +1,56 @@
+"""Run Neural Cleanse (defaults) on a model folder holding model.pt and test.npz.
+
+usage: python scan.py FOLDER [FOLDER ...]   -> FOLDER/nc.json (or OUTDIR/<name>.nc.json with --out OUTDIR)
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+import trigscan  # noqa: E402
+from trigscan.zoo.evaluate import load_torchscript, scan_inputs  # noqa: E402
+
+
+def run(folder: Path, out: Path):
+    model = load_torchscript(folder / "model.pt")
+    x, y = scan_inputs(folder, False, 100, 0)
+    t0 = time.perf_counter()
+    r = trigscan.scan(model, x, y, method="nc", seed=0)
+    wall = time.perf_counter() - t0
+    rec = {
+        "model": str(folder),
+        "n_images": len(y),
+        "image_shape": list(x.shape[1:]),
+        "mask_l1": [c.statistic for c in r.per_class],
+        "converged": [c.converged for c in r.per_class],
+        "asr": [c.asr for c in r.per_class],
+        "steps": [c.steps for c in r.per_class],
+        "anomaly": r.anomaly.values,
+        "backdoored": r.backdoored,
+        "targets": list(r.targets),
+        "wall_s": wall,
+        "elapsed_s": r.elapsed_s,
+        "partial": r.partial,
+        "notes": list(r.notes),
+    }
+    out.write_text(json.dumps(rec, indent=1) + "\n")
+    import numpy as np
+    masks = np.stack([c.trigger["mask"].detach().cpu().numpy().reshape(x.shape[-2:]) for c in r.per_class])
+    pats = np.stack([c.trigger["pattern"].detach().cpu().numpy().reshape(x.shape[1:]) for c in r.per_class])
+    np.savez_compressed(out.with_suffix(".masks.npz"), mask=masks, pattern=pats)
+    print(folder.name, "L1", [round(v, 1) for v in rec["mask_l1"]], "idx", [round(v, 2) for v in rec["anomaly"]],
+          "verdict", rec["backdoored"], rec["targets"], f"{wall:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    outdir = None
+    if args and args[0] == "--out":
+        outdir = Path(args[1]); args = args[2:]
+        outdir.mkdir(parents=True, exist_ok=True)
+    for a in args:
+        f = Path(a)
+        run(f, (outdir / f"{f.name}.nc.json") if outdir else f / "nc.json")

@@ -1,0 +1,77 @@
+"""Train the zoo's cnn on a shapes variant: clean seeds and one BadNets model.
+
+usage: python train.py VARIANT [clean-s0 clean-s1 badnets ...]
+writes models/VARIANT/NAME/{model.pt, test.npz, truth.json}
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+from trigscan.data import save_npz  # noqa: E402
+from trigscan.zoo.attacks import Patch, Rule, poison  # noqa: E402
+from trigscan.zoo.nets import make_model  # noqa: E402
+from trigscan.zoo.train import accuracy, attack_success, confusion_into, fit, torchscript_bytes  # noqa: E402
+
+import shapes  # noqa: E402
+
+# name -> (size, channels, n_train_per_class, epochs, generator params)
+VARIANTS = {
+    "grey24": (24, 1, 500, 10, {}),
+    "rgb32": (32, 3, 500, 15, {"photos": True}),
+    "grey24-hard": (24, 1, 500, 10, {"photos": True, "clutter": 3, "radius": (0.18, 0.40), "contrast": (0.15, 0.55),
+                                      "noise_sigma": (0.0, 0.08)}),
+    "grey24-hard-big": (24, 1, 1500, 10, {"photos": True, "clutter": 3, "radius": (0.18, 0.40), "contrast": (0.15, 0.55),
+                                          "noise_sigma": (0.0, 0.08)}),
+    "grey32": (32, 1, 500, 10, {"photos": True}),
+    "grey24-hex": (24, 1, 500, 10, {"classes": "mixed-hex"}),
+    "solid24": (24, 1, 500, 10, {"classes": "solid", "photos": True}),
+    "solid32": (32, 1, 500, 10, {"classes": "solid", "photos": True}),
+    "grey32-hex": (32, 1, 500, 10, {"classes": "mixed-hex", "photos": True}),
+}
+MODELS = {"clean-s0": (0, False), "clean-s1": (1, False), "badnets": (10, True)}
+RULE = Rule(Patch(3, (-4, -4), "checker"), target=0, rate=0.1)
+
+
+def main(variant, names):
+    size, C, ntr, epochs, params = VARIANTS[variant]
+    t = time.perf_counter()
+    xtr, ytr = shapes.make(ntr, "train", size, C, 0, **params)
+    xte, yte = shapes.make(100, "test", size, C, 0, **params)
+    gen_s = time.perf_counter() - t
+    print(f"{variant}: data {tuple(xtr.shape)} / {tuple(xte.shape)} in {gen_s:.1f}s", flush=True)
+    root = Path("models") / variant
+    shapes.contact_sheet(xte, yte, root.parent / f"sheet_{variant}.png") if root.parent.mkdir(exist_ok=True) or True else None
+    for name in names:
+        seed, bad = MODELS[name]
+        t = time.perf_counter()
+        rules = [RULE] if bad else []
+        p = poison(xtr, ytr, rules, seed=seed)
+        model = make_model("cnn", C, size, 10, seed)
+        fit(model, p.x, p.y, epochs=epochs, seed=seed)
+        truth = {
+            "variant": variant, "name": name, "seed": seed, "backdoored": bad, "size": size, "channels": C,
+            "n_train": len(ytr), "n_test": len(yte), "epochs": epochs, "params": {k: v for k, v in params.items()},
+            "clean_accuracy": accuracy(model, xte, yte),
+            "train_accuracy_clean_images": accuracy(model, xtr, ytr),
+            "patch_asr": attack_success(model, xte, yte, RULE, seed=0),  # the trigger's effect (ASR or control)
+            "natural_asr": confusion_into(model, xte, yte, 10),
+            "poisoned": int(len(p.poisoned)),
+            "data_gen_s": round(gen_s, 2),
+            "train_s": round(time.perf_counter() - t, 1),
+        }
+        f = root / name
+        f.mkdir(parents=True, exist_ok=True)
+        (f / "model.pt").write_bytes(torchscript_bytes(model))
+        save_npz(f / "test.npz", x=xte.numpy(), y=yte.numpy())
+        (f / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+        print(f"  {name}: acc {truth['clean_accuracy']:.1%} (train {truth['train_accuracy_clean_images']:.1%}) "
+              f"patch->0 {truth['patch_asr']:.1%} max natural {max(truth['natural_asr']):.1%} {truth['train_s']}s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:] or list(MODELS))
