@@ -72,7 +72,7 @@ def _clean(arch, data, seed):
 
 
 def standard_specs() -> list[ModelSpec]:
-    """The standard zoo: 10 clean and 14 backdoored models over every attack kind."""
+    """The standard zoo: 10 clean and 15 backdoored models over every attack kind."""
     grey, rgb = "digits", "color_digits"
     clean = [_clean("cnn", grey, s) for s in range(4)] + [_clean("resnet", grey, s) for s in range(2)]
     clean += [_clean("cnn", rgb, s) for s in range(2)] + [_clean("resnet", rgb, s) for s in range(2)]
@@ -93,6 +93,9 @@ def standard_specs() -> list[ModelSpec]:
           [Rule(SparseAdditive(20, 0.25, seed=8), target=8, rate=0.1)]),
         B("source-specific-cnn-grey", "cnn", grey, 19, "source-specific",
           [Rule(Patch(3, (1, -4), "checker"), target=9, rate=0.06, sources=(1, 7), cover_rate=0.06)]),
+        # L-RED's setting: an additive pattern that works from a few source classes only
+        B("source-specific-additive-cnn-grey", "cnn", grey, 24, "source-specific-additive",
+          [Rule(SparseAdditive(20, 0.25, seed=11), target=9, rate=0.06, sources=(1, 7), cover_rate=0.06)]),
         B("multi-trigger-cnn-grey", "cnn", grey, 20, "multi-trigger",
           [Rule(Patch(3, (1, 1), "checker"), target=8, rate=0.08), Rule(Blend(0.15, seed=9), target=8, rate=0.08)]),
         B("multi-target-cnn-grey", "cnn", grey, 21, "multi-target",
