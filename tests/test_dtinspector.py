@@ -285,8 +285,10 @@ def test_detects_the_badnets_backdoor_and_its_label(badnets_scan):
 
 @pytest.mark.slow
 def test_clean_model_is_not_flagged(quick_zoo, one_thread):
+    """At the paper's defaults (K = 50, up to 1000 steps). With FAST's K = 25 and 300
+    steps the zoo built on a 2-vCPU Xeon gives label 4 a ratio of 0.72 (index 4.7)."""
     model, x, y, _ = zoo_training_set(quick_zoo, "clean-cnn-grey-s0")
-    result = trigscan.scan(model, x, y, method="dtinspector", **FAST)
+    result = trigscan.scan(model, x, y, method="dtinspector")
     assert not result.backdoored, (result.statistics, result.anomaly.values)
 
 

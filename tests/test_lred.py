@@ -41,7 +41,7 @@ def test_lred_needs_labels_and_two_images_per_class(quick_zoo):
     with pytest.raises(ValueError, match="labels: method 'lred' needs the labels"):
         trigscan.scan(model, x, method="lred")
     keep = torch.cat([torch.nonzero(y != 7).flatten(), torch.nonzero(y == 7).flatten()[:1]])
-    with pytest.raises(ValueError, match=r"labels: class 7 has 1 image\(s\), 1 classified as 7"):
+    with pytest.raises(ValueError, match=r"labels: class 7 has 1 image\(s\); L-RED needs"):
         trigscan.scan(model, x[keep], y[keep], method="lred", max_steps=2)
     with pytest.raises(ValueError, match="images_per_class"):
         trigscan.scan(model, x, y, method="lred", images_per_class=1)
@@ -49,7 +49,8 @@ def test_lred_needs_labels_and_two_images_per_class(quick_zoo):
 
 def test_lred_draws_only_correctly_classified_images(quick_zoo):
     """The paper's detection images are correctly classified: images the model gets
-    wrong are never drawn, and a class left with one correct image is refused."""
+    wrong are never drawn; a class with fewer than 2 correct ones is drawn from all
+    its images, and the notes say so."""
     from trigscan.models import as_white_box
     from trigscan.scanners.lred import LRED
 
@@ -61,14 +62,19 @@ def test_lred_draws_only_correctly_classified_images(quick_zoo):
     labels = y.clone()
     labels[fives[2:]] = 6  # fives called sixes: the model gets all of these wrong
     scanner = LRED(images_per_class=len(x))  # draw every image it accepts
-    xs, ys = scanner._per_class_subset(model, x, labels, 10, torch.Generator().manual_seed(0))
+    xs, ys, notes = scanner._per_class_subset(model, x, labels, 10, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(xs).argmax(1), ys)
     assert int((ys == 6).sum()) == int(((labels == 6) & (predicted == 6)).sum())
-    assert int((ys == 5).sum()) == 2
+    assert int((ys == 5).sum()) == 2 and notes == []
+    sixes = torch.nonzero((y == 6) & (predicted == 6)).flatten()
     labels[fives[1]] = 6
-    with pytest.raises(ValueError, match=r"labels: class 5 has \d+ image\(s\), 1 classified as 5"):
-        scanner._per_class_subset(model, x, labels, 10, torch.Generator().manual_seed(0))
+    labels[sixes[:3]] = 5  # class 5: one image the model gets right, at least three it gets wrong
+    xs, ys, notes = scanner._per_class_subset(model, x, labels, 10, torch.Generator().manual_seed(0))
+    assert int((ys == 5).sum()) == int((labels == 5).sum()) >= 4  # all of class 5's images
+    assert len(notes) == 1 and "class(es) 5 (1 of " in notes[0]
+    result = trigscan.scan(model, x, labels, method="lred", max_steps=2, images_per_class=2)
+    assert notes[0] in result.notes
 
 
 def test_lred_statistics_are_reproducible(quick_zoo):

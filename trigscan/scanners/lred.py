@@ -52,7 +52,7 @@ class LRED(Scanner):
         cfg = self.config
         num_classes = model.num_classes
         generator = torch.Generator().manual_seed(seed)
-        x, y = self._per_class_subset(model, images, labels, num_classes, generator)
+        x, y, notes = self._per_class_subset(model, images, labels, num_classes, generator)
         device = x.device
         members = F.one_hot(y, num_classes).float()  # [M, K]
         members = members / members.sum(0, keepdim=True)  # column s averages over D_s
@@ -126,7 +126,7 @@ class LRED(Scanner):
         return ScanResult(method=self.name, backdoored=backdoored,
                           targets=[classes[test["index"]]] if backdoored else [],
                           per_class=per_class, anomaly=anomaly, config=self.get_params(),
-                          seed=seed, elapsed_s=0.0)
+                          seed=seed, elapsed_s=0.0, notes=notes)
 
     @staticmethod
     def _temperature_weights(q, q_weighted, not_self, uniform):
@@ -139,23 +139,29 @@ class LRED(Scanner):
         """Up to images_per_class images of every class (random, seeded), drawn among
         the images the model classifies correctly: the paper assumes its clean
         detection images are, and one the model already sends to t would count as
-        a misclassification that v did not cause."""
+        a misclassification that v did not cause. A class with fewer than 2 such
+        images is drawn from all its images instead, and the returned notes say so."""
         n = self.config.images_per_class
         if n < 2:
             raise ValueError(f"images_per_class: L-RED needs at least 2, got {n}")
         with torch.no_grad():
             predicted = torch.cat([model(chunk).argmax(1) for chunk in images.split(256)])
-        chosen = []
+        chosen, fallback = [], []
         for c in range(num_classes):
-            of_class = labels == c
-            idx = (of_class & (predicted == c)).nonzero().flatten().cpu()
+            of_class = (labels == c).nonzero().flatten().cpu()
+            if of_class.numel() < 2:
+                raise ValueError(f"labels: class {c} has {of_class.numel()} image(s); L-RED needs "
+                                 "at least 2 clean images of every class")
+            idx = of_class[(predicted[of_class.to(predicted.device)] == c).cpu()]
             if idx.numel() < 2:
-                raise ValueError(f"labels: class {c} has {int(of_class.sum())} image(s), "
-                                 f"{idx.numel()} classified as {c} by the model; L-RED needs at "
-                                 "least 2 correctly classified clean images of every class")
+                fallback.append(f"{c} ({idx.numel()} of {of_class.numel()})")
+                idx = of_class
             chosen.append(idx[torch.randperm(idx.numel(), generator=generator)[:n]])
+        notes = [] if not fallback else [
+            "fewer than 2 correctly classified images in class(es) " + ", ".join(fallback) +
+            ": drawn from all their images (the paper assumes correctly classified ones)"]
         chosen = torch.cat(chosen).to(images.device)
-        return images[chosen], labels[chosen]
+        return images[chosen], labels[chosen], notes
 
 
 @register("ured")
