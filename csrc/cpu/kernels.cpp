@@ -24,11 +24,11 @@
 //   of pixels; x and grad_x of the chunk stay in L2) and sweeps contiguous rows
 //   of it with the per-pixel accumulators in L1.
 // * Large outputs (twice the last-level cache, at most 64 MiB; the NES query
-//   batch: tens to hundreds of MiB) are advised to use transparent huge pages before their first
-//   touch: one fault per 2 MiB instead of per 4 KiB (on this project's VMs a
-//   4 KiB fault costs ~3 us, more than writing the page). They are also written
-//   with non-temporal stores, which saves the read-for-ownership when the memory
-//   is reused rather than freshly mapped. TRIGSCAN_CPU_HUGEPAGES=0 and
+//   batch: tens to hundreds of MiB) are advised to use transparent huge pages
+//   before their first touch: one fault per 2 MiB instead of per 4 KiB (on this
+//   project's VMs a 4 KiB fault costs ~3 us, more than writing the page). They
+//   are also written with non-temporal stores, which saves the read-for-ownership
+//   when the memory is reused rather than freshly mapped. TRIGSCAN_CPU_HUGEPAGES=0 and
 //   TRIGSCAN_CPU_STREAM=0|1 switch these off (or streaming always on) for
 //   experiments; none of it changes a value.
 #include <ATen/Parallel.h>
