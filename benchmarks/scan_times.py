@@ -4,7 +4,7 @@
 
 One fresh process per method (so each starts from the same state), the
 method's defaults, seed 0, all 10 candidate classes, the inputs `trigscan zoo
-eval` gives it (`scanners.scan_data`: 100 class-balanced clean test images,
+eval` gives it (`zoo.evaluate.inputs_for`: 100 class-balanced clean test images,
 the training set for DTInspector, none for B3D-SS); black-box methods query
 the ONNX model through ONNX Runtime. Prints wall and CPU time (user + sys of
 the scan's process), the verdict, and the load average before and after each
@@ -28,10 +28,9 @@ torch.set_num_threads(threads)
 import trigscan
 from pathlib import Path
 from trigscan import scanners
-from trigscan.zoo.evaluate import open_model, scan_inputs
+from trigscan.zoo.evaluate import inputs_for, open_model
 cls = scanners.get(method)
-data = scanners.scan_data(cls)
-images, labels = (None, None) if data == "none" else scan_inputs(Path(folder), data == "training", 100, 0)
+images, labels = inputs_for(cls, Path(folder), 100, 0)
 model = open_model(Path(folder), cls.access, method)
 usage = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 cpu0, t0 = usage(), time.perf_counter()

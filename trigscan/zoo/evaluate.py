@@ -46,6 +46,17 @@ def scan_inputs(folder: Path, training_set: bool, n_images: int, seed: int):
     return x[idx], y[idx]
 
 
+def inputs_for(cls, folder: Path, n_images: int, seed: int):
+    """(images, labels) a scanner class gets from a zoo model (``scanners.scan_data``):
+    the clean test subset, the training set, or (None, None) for one that makes its own."""
+    from .. import scanners
+
+    data = scanners.scan_data(cls)
+    if data == "none":
+        return None, None
+    return scan_inputs(folder, data == "training", n_images, seed)
+
+
 def load_torchscript(path) -> torch.jit.ScriptModule:
     """A zoo model for white-box use (TorchScript, never a pickle), in eval mode."""
     with warnings.catch_warnings():
@@ -121,9 +132,7 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
                    "targets": truth["targets"], "verdict": None, "found": [], "correct": False, "error": None}
             t0 = time.perf_counter()
             try:
-                data = scanners.scan_data(cls)
-                images, labels = ((None, None) if data == "none" else
-                                  scan_inputs(folder, data == "training", n_images, seed))
+                images, labels = inputs_for(cls, folder, n_images, seed)
                 model = open_model(folder, getattr(cls, "access", "white"), m)
                 result = scanner.scan(model, images, labels, seed=seed)
                 row["verdict"] = bool(result.backdoored)
