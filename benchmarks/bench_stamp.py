@@ -8,7 +8,7 @@ import torch
 import variants
 
 FWD = ["fused", "naive", "lerp", "lerp_out"]
-FB = ["fused", "naive", "lerp_autograd", "manual"]
+FB = ["fused", "fused_ops", "naive", "lerp_autograd", "manual"]
 DRAM_COPY_BYTES = 256 << 20
 
 

@@ -100,6 +100,16 @@ class StampCase:
     def fb_fused(self):
         return self._autograd(ops.stamp)
 
+    def fb_fused_ops(self):
+        """The two public ops called directly, no autograd: the kernels' counterpart
+        of `manual` (a caller that derives its own backward, e.g. another scanner
+        embedding them). The output is allocated per call, as autograd's is."""
+        m, p = self.mask.detach(), self.pattern.detach()
+        ops._ops.stamp.default(self.x, m, p)
+        _, grad_mask, grad_pattern = ops._ops.stamp_backward.default(self.grad, self.x, m, p,
+                                                                     False)
+        return grad_mask, grad_pattern
+
     def fb_naive(self):
         return self._autograd(reference.stamp)
 
