@@ -30,6 +30,18 @@ def bench_stamp_forward_backward(bench, case, variant):
     bench(getattr(case, "fb_" + variant), rounds=200)
 
 
+@pytest.fixture(scope="module")
+def tiny_case():
+    return variants.StampCase(T=1, N=1, C=1, H=2, W=2)
+
+
+@pytest.mark.benchmark(group="stamp forward+backward, per-call overhead (T=N=C=1, 2x2)")
+@pytest.mark.parametrize("variant", ["fused", "fused_ops", "manual"])
+def bench_stamp_forward_backward_overhead(bench, tiny_case, variant):
+    """Four pixels: what a call costs apart from the arithmetic (dispatch, autograd)."""
+    bench(getattr(tiny_case, "fb_" + variant), rounds=2000, warmup=50)
+
+
 @pytest.mark.benchmark(group="memory copy")
 @pytest.mark.parametrize("size", ["dram", "stamp-size"])
 def bench_copy_bandwidth(bench, case, size):

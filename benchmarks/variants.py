@@ -103,11 +103,13 @@ class StampCase:
     def fb_fused_ops(self):
         """The two public ops called directly, no autograd: the kernels' counterpart
         of `manual` (a caller that derives its own backward, e.g. another scanner
-        embedding them). The output is allocated per call, as autograd's is."""
+        embedding them). The output is allocated per call and, as under autograd,
+        alive until the backward is done."""
         m, p = self.mask.detach(), self.pattern.detach()
-        ops._ops.stamp.default(self.x, m, p)
+        out = ops._ops.stamp.default(self.x, m, p)
         _, grad_mask, grad_pattern = ops._ops.stamp_backward.default(self.grad, self.x, m, p,
                                                                      False)
+        del out
         return grad_mask, grad_pattern
 
     def fb_naive(self):
