@@ -12,7 +12,11 @@ speed-up of the fastest kernel variant over the fastest plain-PyTorch one
     python benchmarks/interleaved.py [--blocks 20] [--threads 2]
 
 The variants are those of the pytest benchmarks (variants.py); the naive forms
-of the NES step (0.3 s a call, never the fastest) are left out.
+of the NES step (0.3 s a call, never the fastest) are left out. The price of
+alternating: a variant that allocates finds the allocator and the caches in
+the state the other variants left (`naive`'s three 7.5 MiB temporaries of
+the stamp forward cost ~5x what they cost in a loop of their own), so this
+is a cross-check of the ratios, not a replacement for the pytest runs.
 """
 from __future__ import annotations
 
