@@ -34,6 +34,8 @@ def test_patch_fixed_position_replaces_exactly_the_block(x):
     assert torch.equal(changed, region.expand(4, 12, 12))
     assert out[0, 0, 8, 2] == 1 and out[0, 0, 8, 3] == 0 and out[0, 0, 9, 3] == 1
     assert torch.equal(x, torch.full_like(x, 0.5))  # input untouched
+    assert Patch(3, (-4, 2)).region(12, 12) == (slice(8, 11), slice(2, 5))
+    assert Patch(3, "random").region(12, 12) is None
 
 
 def test_patch_patterns():
@@ -344,8 +346,10 @@ class _PatchVote:
         frac = torch.bincount(pred, minlength=10).float() / len(pred)
         top = int(frac.argmax())
         flagged = bool(frac[top] > self.share)
-        per_class = [ClassResult(target=k, statistic=float(frac[k]), asr=float(frac[k]), converged=True, steps=0)
-                     for k in range(10)]
+        on_patch = torch.zeros(1, 24, 24)  # its "trigger": the patch it stamps, for every class
+        on_patch[0, 20:23, 20:23] = 1.0
+        per_class = [ClassResult(target=k, statistic=float(frac[k]), asr=float(frac[k]), converged=True, steps=0,
+                                 trigger={"mask": on_patch}) for k in range(10)]
         return ScanResult(method="patch-vote", backdoored=flagged, targets=[top] if flagged else [],
                           per_class=per_class, anomaly=Anomaly("mad", frac.tolist(), self.share, side="high"),
                           config={"share": self.share}, seed=seed, elapsed_s=0.0)
@@ -402,6 +406,42 @@ def test_zoo_eval_table_and_json(quick_zoo, fake_scanners, tmp_path, capsys):
         assert f"{method}: accuracy 60.0%" in table
     assert rows["patch-vote", "badnets-cnn-grey"]["statistic"]["true_targets"]["0"][0] > 0.9
     assert "badnets-cnn-grey" in table and "bd->0" in table
+    # its trigger is the true patch: scored as all on it, for the one fixed-position patch model
+    assert rows["patch-vote", "badnets-cnn-grey"]["trigger_overlap"] == {"0": {"share": 1.0, "peak_on_patch": True}}
+    assert all(rows["patch-vote", name]["trigger_overlap"] == {}
+               for name in ("clean-cnn-grey-s0", "blend-cnn-grey", "sparse-additive-cnn-grey"))
+    assert report["summary"]["patch-vote"]["patch_triggers"] == 1
+    assert "trigger on the true patch (1 fixed-position patch backdoors): median share 100%" in table
+
+
+def _overlap(trigger, rule_trigger=None, target=3):
+    from trigscan.zoo.evaluate import trigger_overlap
+    result = ScanResult(method="x", backdoored=True, targets=[target], seed=0, elapsed_s=0.0, config={},
+                        anomaly=Anomaly("mad", [0.0], 2.0), per_class=[
+                            ClassResult(target=k, statistic=0.0, asr=1.0, converged=True, steps=1,
+                                        trigger=trigger if k == target else {}) for k in range(5)])
+    rule = {"trigger": (rule_trigger or Patch(3, (-4, -4))).to_dict(), "target": target}
+    return trigger_overlap(result, {"input_shape": [2, 12, 12], "rules": [rule]})
+
+
+def test_trigger_overlap_scores_where_the_recovered_trigger_acts():
+    mask = torch.zeros(1, 12, 12)
+    mask[0, 8:11, 8:11] = 0.5                       # the true patch, rows/cols 8..10
+    mask[0, 0, :3] = 0.5                            # and three pixels elsewhere
+    assert _overlap({"mask": mask}) == {"3": {"share": 0.75, "peak_on_patch": True}}
+    off = torch.zeros(1, 12, 12)
+    off[0, 8, 8], off[0, 0, 0] = 0.2, 0.8           # the peak is off the patch
+    assert _overlap({"mask": off}) == {"3": {"share": pytest.approx(0.2), "peak_on_patch": False}}
+    # PixelBackdoor: |positive - negative| summed over channels; L-RED: |perturbation|
+    pos, neg = torch.zeros(2, 12, 12), torch.zeros(2, 12, 12)
+    pos[0, 9, 9], neg[1, 9, 9], neg[0, 1, 1] = 0.3, 0.3, 0.2
+    assert _overlap({"positive": pos, "negative": neg})["3"]["share"] == pytest.approx(0.75)
+    assert _overlap({"perturbation": pos - neg})["3"]["share"] == pytest.approx(0.75)
+    # nothing recovered: share 0, no peak; no entry for triggers without a fixed patch
+    assert _overlap({"mask": torch.zeros(1, 12, 12)}) == {"3": {"share": 0.0, "peak_on_patch": False}}
+    assert _overlap({"mask": mask}, Patch(3, "random")) == {}
+    assert _overlap({"mask": mask}, Blend(0.2)) == {}
+    assert _overlap({"weights": torch.ones(5)}) == {}
 
 
 def test_zoo_eval_gives_no_images_to_scanners_that_make_their_own(quick_zoo, fake_scanners):

@@ -101,6 +101,13 @@ class Patch(Trigger):
             b = torch.rand(channels, s, s, generator=_generator(self.seed))
         return b.contiguous()
 
+    def region(self, h: int, w: int) -> tuple[slice, slice] | None:
+        """(rows, cols) of the block in h×w images; None when the position is random."""
+        if self.position == "random":
+            return None
+        r, q = _place(self.size, h, self.position[0]), _place(self.size, w, self.position[1])
+        return slice(r, r + self.size), slice(q, q + self.size)
+
     def apply(self, x, generator=None):
         _check_images(x)
         n, c, h, w = x.shape
@@ -116,8 +123,7 @@ class Patch(Trigger):
             for i, (r, q) in enumerate(zip(rows.tolist(), cols.tolist())):
                 out[i, :, r : r + s, q : q + s] = blk
         else:
-            r, q = _place(s, h, self.position[0]), _place(s, w, self.position[1])
-            out[:, :, r : r + s, q : q + s] = blk
+            out[(slice(None), slice(None)) + self.region(h, w)] = blk
         return out
 
     def describe(self, shape):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data import balanced_subset, read_npz
+from .attacks import Patch, trigger_from_dict
 
 
 def zoo_models(directory) -> list[tuple[Path, dict]]:
@@ -94,6 +95,43 @@ def _stat_summary(result, targets: list[int]) -> dict:
     }
 
 
+def trigger_footprint(trigger: dict) -> torch.Tensor | None:
+    """Where a recovered trigger acts, as an [H, W] map >= 0: its mask (summed over
+    channels), or the size of the pixel change it makes (PixelBackdoor's positive −
+    negative, L-RED's perturbation); None for a trigger of another kind."""
+    if "mask" in trigger:
+        return trigger["mask"].sum(0)
+    if "positive" in trigger:
+        return (trigger["positive"] - trigger["negative"]).abs().sum(0)
+    if "perturbation" in trigger:
+        return trigger["perturbation"].abs().sum(0)
+    return None
+
+
+def trigger_overlap(result, truth: dict) -> dict:
+    """Does the recovered trigger sit on the true one? For every fixed-position patch
+    backdoor of the model: the share of its target class's trigger footprint on the
+    patch (1 = all of it) and whether its largest value is reached on the patch.
+    Label-pair scans: the first row of the target."""
+    h, w = truth["input_shape"][1:]
+    overlap = {}
+    for rule in truth.get("rules", []):
+        trigger = trigger_from_dict(rule["trigger"])
+        region = trigger.region(h, w) if isinstance(trigger, Patch) else None
+        row = next((c for c in result.per_class if c.target == rule["target"]), None)
+        footprint = trigger_footprint(row.trigger) if region is not None and row else None
+        if footprint is None:
+            continue
+        on_patch = torch.zeros(h, w, dtype=torch.bool)
+        on_patch[region] = True
+        total = float(footprint.sum())
+        overlap[str(rule["target"])] = {
+            "share": float(footprint[on_patch].sum()) / total if total > 0 else 0.0,
+            "peak_on_patch": total > 0 and bool(footprint[on_patch].max() >= footprint.max()),
+        }
+    return overlap
+
+
 def evaluate(directory, methods: list[str], *, options: dict | None = None, n_images: int = 100,
              seed: int = 0, quiet: bool = False) -> dict:
     """Scan every zoo model with every method; returns the report (rows and per-method summary).
@@ -142,6 +180,7 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
                 else:
                     row["correct"] = not row["verdict"]
                 row["statistic"] = _stat_summary(result, truth["targets"])
+                row["trigger_overlap"] = trigger_overlap(result, truth)
                 row["result"] = result.to_dict()
             except Exception as exc:  # one failing scan must not lose the others
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -150,6 +189,7 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
             bar.update(1)
         bad = [r for r in mine if r["backdoored"]]
         clean = [r for r in mine if not r["backdoored"]]
+        overlaps = [v for r in bad for v in r.get("trigger_overlap", {}).values()]
         summary[m] = {
             "models": len(mine),
             "accuracy": sum(r["correct"] for r in mine) / len(mine),
@@ -159,6 +199,9 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
             "false_positives": sum(bool(r["verdict"]) for r in clean),
             "errors": sum(r["error"] is not None for r in mine),
             "wall_s": round(time.perf_counter() - start, 2),
+            "patch_triggers": len(overlaps),
+            "patch_overlap_median": statistics.median(v["share"] for v in overlaps) if overlaps else None,
+            "patch_peak_on_patch": sum(v["peak_on_patch"] for v in overlaps),
         }
         rows += mine
     bar.close()
@@ -172,7 +215,8 @@ def _fmt(v) -> str:
 
 def format_report(report: dict) -> str:
     """The evaluation as a text table: one line per (method, model), then one per method."""
-    lines = [f"{'method':<8} {'model':<26} {'truth':<12} {'verdict':<12} {'ok':<3} {'stat@target':<14} {'median':<9} {'time':>7}"]
+    lines = [f"{'method':<8} {'model':<26} {'truth':<12} {'verdict':<12} {'ok':<3} {'stat@target':<14} {'median':<9} "
+             f"{'time':>7}  trigger on the true patch"]
     for r in report["rows"]:
         truth = "bd->" + ",".join(map(str, r["targets"])) if r["backdoored"] else "clean"
         if r["error"]:
@@ -181,8 +225,10 @@ def format_report(report: dict) -> str:
         verdict = "bd->" + ",".join(map(str, r["found"])) if r["verdict"] else "clean"
         st = r["statistic"]
         at = ";".join(f"{t}:{_fmt(min(v))}" for t, v in st["true_targets"].items()) or "-"
+        on_patch = "; ".join(f"{t}: {v['share']:.0%}" + ("" if v["peak_on_patch"] else ", peak off")
+                             for t, v in r.get("trigger_overlap", {}).items())
         lines.append(f"{r['method']:<8} {r['model']:<26} {truth:<12} {verdict:<12} {'yes' if r['correct'] else 'NO':<3} "
-                     f"{at:<14} {_fmt(st['median']):<9} {r['elapsed_s']:6.1f}s")
+                     f"{at:<14} {_fmt(st['median']):<9} {r['elapsed_s']:6.1f}s  {on_patch or '-'}")
     lines.append("")
     for m, s in report["summary"].items():
         lines.append(
@@ -190,6 +236,10 @@ def format_report(report: dict) -> str:
             f"{s['detected_with_target']}/{s['backdoored']}; false positives {s['false_positives']}/{s['clean']}; "
             f"errors {s['errors']}; wall {s['wall_s']:.1f}s"
         )
+        if s.get("patch_triggers"):
+            lines.append(f"  trigger on the true patch ({s['patch_triggers']} fixed-position patch backdoors): "
+                         f"median share {s['patch_overlap_median']:.0%}, peak on the patch "
+                         f"{s['patch_peak_on_patch']}/{s['patch_triggers']}")
     return "\n".join(lines)
 
 
