@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import variants  # noqa: E402
-from report import TARGETS, is_kernel  # noqa: E402
+from report import TARGETS, fastest_pair  # noqa: E402
 
 # case -> (make the case, {variant: callable name}, calls per variant per block)
 CASES = {
@@ -67,14 +67,9 @@ def run_case(make, names, calls, blocks):
                 ts.append(time.perf_counter() - t0)
             times[v] += ts
             block[v] = statistics.median(ts)
-        block_speedups.append(fastest(block, plain=True)[1] / fastest(block, plain=False)[1])
+        _, kernel_t, _, plain_t = fastest_pair(block)
+        block_speedups.append(plain_t / kernel_t)
     return {v: statistics.median(t) for v, t in times.items()}, block_speedups
-
-
-def fastest(medians, plain):
-    pool = {v: t for v, t in medians.items() if is_kernel(v) != plain}
-    best = min(pool, key=pool.get)
-    return best, pool[best]
 
 
 def main(argv=None):
@@ -82,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=20)
     ap.add_argument("--threads", type=int, default=variants.THREADS)
     args = ap.parse_args(argv)
+    if args.blocks < 4:
+        ap.error("--blocks: at least 4 (the speed-up's quartiles over the blocks)")
     torch.set_num_threads(args.threads)
     print(f"torch.get_num_threads() = {torch.get_num_threads()}, {args.blocks} blocks, "
           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC\n")
@@ -90,8 +87,7 @@ def main(argv=None):
     print("|---|---|---|---|---:|---|---:|:-:|")
     for case, (make, names, calls) in CASES.items():
         medians, speedups = run_case(make, names, calls, args.blocks)
-        kv, kt = fastest(medians, plain=False)
-        pv, pt = fastest(medians, plain=True)
+        kv, kt, pv, pt = fastest_pair(medians)
         q = statistics.quantiles(speedups, n=4)
         target = TARGETS[case]
         cells = ", ".join(f"{v} {t * 1e3:.3f}" for v, t in medians.items())

@@ -172,8 +172,13 @@ def render(runs, merged):
 
 def contenders(benches):
     """(fastest kernel variant, its median ms, fastest plain variant, its median ms)."""
-    kernels = {v: ms(b) for v, b in benches.items() if is_kernel(v)}
-    others = {v: ms(b) for v, b in benches.items() if not is_kernel(v)}
+    return fastest_pair({v: ms(b) for v, b in benches.items()})
+
+
+def fastest_pair(times):
+    """{variant: time} -> (fastest kernel variant, its time, fastest plain variant, its time)."""
+    kernels = {v: t for v, t in times.items() if is_kernel(v)}
+    others = {v: t for v, t in times.items() if not is_kernel(v)}
     fused_v = min(kernels, key=kernels.get)
     best_v = min(others, key=others.get)
     return fused_v, kernels[fused_v], best_v, others[best_v]
