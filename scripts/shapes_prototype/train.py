@@ -42,7 +42,8 @@ MODELS = {"clean-s0": (0, None), "clean-s1": (1, None), "clean-s2": (2, None), "
           "badnets": (10, RULE), "badnets-s10": (10, RULE), "badnets-s11": (11, RULE),
           "badnets-t3": (12, Rule(Patch(3, (-4, -4), "checker"), target=3, rate=0.1)),
           "badnets-4x4": (13, Rule(Patch(4, (-5, -5), "checker"), target=0, rate=0.1)),
-          "badnets-rand": (14, Rule(Patch(3, "random", "checker"), target=0, rate=0.1))}
+          "badnets-rand": (14, Rule(Patch(3, "random", "checker"), target=0, rate=0.1)),
+          **{f"badnets-s{seed}": (seed, RULE) for seed in range(15, 19)}}
 
 
 def main(variant, names, ntr=None, epochs=None, tag=None):
