@@ -62,6 +62,12 @@ def _place(size: int, extent: int, pos: int) -> int:
     return start
 
 
+def _square(size: int, position: tuple, h: int, w: int) -> tuple[slice, slice]:
+    """(rows, cols) of a size×size square at ``position`` (row, col; negative from the far edge)."""
+    r, q = _place(size, h, position[0]), _place(size, w, position[1])
+    return slice(r, r + size), slice(q, q + size)
+
+
 @dataclass
 class Patch(Trigger):
     """BadNets: paste a ``size``×``size`` block.
@@ -103,10 +109,7 @@ class Patch(Trigger):
 
     def region(self, h: int, w: int) -> tuple[slice, slice] | None:
         """(rows, cols) of the block in h×w images; None when the position is random."""
-        if self.position == "random":
-            return None
-        r, q = _place(self.size, h, self.position[0]), _place(self.size, w, self.position[1])
-        return slice(r, r + self.size), slice(q, q + self.size)
+        return None if self.position == "random" else _square(self.size, self.position, h, w)
 
     def apply(self, x, generator=None):
         _check_images(x)
@@ -215,9 +218,8 @@ class SquareAdditive(_Additive):
 
     def delta(self, shape):
         c, h, w = shape
-        r, q = _place(self.size, h, self.position[0]), _place(self.size, w, self.position[1])
         d = torch.zeros(c, h, w)
-        d[:, r : r + self.size, q : q + self.size] = self.amount
+        d[(slice(None),) + _square(self.size, self.position, h, w)] = self.amount
         return d
 
 
