@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from trigscan.data import (
-    balanced_subset, color_digits, digits, load_image_folder, load_npz, noise, read_npz, save_npz, split_indices,
+    balanced_subset, color_digits, digits, load_image_folder, load_npz, noise, read_npz, save_npz, shapes, split_indices,
 )
+from trigscan.data.shapes import CLASS_NAMES
 
 
 @pytest.mark.parametrize("size", [8, 16, 24, 32])
@@ -75,6 +76,52 @@ def test_bad_arguments_name_themselves():
         digits(24, "validation")
     with pytest.raises(ValueError, match="test_fraction"):
         digits(24, "train", test_fraction=1.5)
+
+
+def test_shapes_shape_range_and_balance():
+    x, y = shapes(32, "train", per_class=4)
+    assert x.shape == (40, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert torch.equal(torch.bincount(y), torch.full((10,), 4))
+    assert len(CLASS_NAMES) == 10
+    grey, _ = shapes(16, "test", per_class=2, channels=1)
+    assert grey.shape == (20, 1, 16, 16)
+    # every image is its own: no two alike
+    assert len({hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in x}) == 40
+
+
+def test_shapes_image_depends_only_on_seed_split_and_index():
+    x5, y5 = shapes(24, "train", seed=3, per_class=5)
+    x2, y2 = shapes(24, "train", seed=3, per_class=2)
+    assert torch.equal(x5[:20], x2) and torch.equal(y5[:20], y2)
+    assert torch.equal(x2, shapes(24, "train", seed=3, per_class=2)[0])
+    assert not torch.equal(x2, shapes(24, "test", seed=3, per_class=2)[0])
+    assert not torch.equal(x2, shapes(24, "train", seed=4, per_class=2)[0])
+    # callers may scribble on what they get without changing the next call's images
+    x2.zero_()
+    assert shapes(24, "train", seed=3, per_class=2)[0].max() > 0
+
+
+def test_shapes_stripe_classes_run_the_way_their_label_says():
+    x, y = shapes(32, "train", per_class=30, channels=1)
+    def edges(label):  # mean |vertical step| and |horizontal step| over the class
+        im = x[y == label, 0]
+        return (im[:, 1:] - im[:, :-1]).abs().mean().item(), (im[:, :, 1:] - im[:, :, :-1]).abs().mean().item()
+    down, across = edges(CLASS_NAMES.index("h-stripes"))
+    assert down > 1.5 * across  # horizontal lines change going down
+    down, across = edges(CLASS_NAMES.index("v-stripes"))
+    assert across > 1.5 * down
+
+
+def test_shapes_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="split"):
+        shapes(32, "all")
+    with pytest.raises(ValueError, match="size"):
+        shapes(4)
+    with pytest.raises(ValueError, match="channels"):
+        shapes(32, channels=2)
+    with pytest.raises(ValueError, match="per_class"):
+        shapes(32, per_class=0)
 
 
 def test_balanced_subset():

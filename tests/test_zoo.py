@@ -15,7 +15,7 @@ from trigscan.result import Anomaly, ClassResult, ScanResult
 from trigscan.zoo import (
     Blend, Patch, Rule, Sinusoid, SparseAdditive, SquareAdditive, build_model, poison, quick_specs, trigger_from_dict,
 )
-from trigscan.zoo.build import check
+from trigscan.zoo.build import FAMILIES, check, load_data, shapes_specs
 from trigscan.zoo.train import attack_success, confusion_into
 
 GREY = torch.full((4, 1, 12, 12), 0.5)
@@ -319,11 +319,33 @@ def test_build_skips_complete_models_and_cli_prints_figures(quick_zoo, capsys):
     assert "all backdoored models: ASR >= 90%" in out
 
 
+def test_shapes_family_specs():
+    specs = shapes_specs()
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names) == 20 and FAMILIES["shapes"] is shapes_specs
+    assert all(s.data == "shapes" and s.to_dict()["size"] == 32 and s.to_dict()["epochs"] == 20 for s in specs)
+    clean = [s for s in specs if not s.backdoored]
+    assert len(clean) == 8 and len({s.seed for s in specs}) == 20
+    patches = [s for s in specs if s.attack.startswith("badnets")]
+    assert len(patches) == 9 and len({s.rules[0].target for s in patches}) == 6
+    x = torch.full((2, 3, 32, 32), 0.5)
+    for s in specs:  # every trigger fits the 32x32 images and changes them
+        for r in s.rules:
+            assert not torch.equal(r.attack_trigger.apply(x), x)
+    # the digits zoo's specs keep their 24x24 size (built zoos stay valid)
+    assert {s.to_dict()["size"] for s in FAMILIES["standard"]()} == {24}
+    xte, yte = load_data("shapes", "test")
+    assert xte.shape == (1000, 3, 32, 32) and torch.equal(torch.bincount(yte), torch.full((10,), 100))
+
+
 def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert main(["zoo", "build", str(tmp_path), "--quick", "--only", "no-such-model"]) == 2
     assert "only: unknown model(s) ['no-such-model']" in capsys.readouterr().err
     assert main(["zoo", "eval", str(tmp_path / "nothing"), "--method", "x"]) == 2
     assert "not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["zoo", "build", str(tmp_path), "--family", "cifar"])
+    assert "invalid choice: 'cifar'" in capsys.readouterr().err
 
 
 # --- zoo eval with stand-in scanners --------------------------------------------
@@ -442,6 +464,19 @@ def test_trigger_overlap_scores_where_the_recovered_trigger_acts():
     assert _overlap({"mask": mask}, Patch(3, "random")) == {}
     assert _overlap({"mask": mask}, Blend(0.2)) == {}
     assert _overlap({"weights": torch.ones(5)}) == {}
+
+
+def test_zoo_eval_only_scans_the_named_models(quick_zoo, fake_scanners, tmp_path, capsys):
+    root, _ = quick_zoo
+    out = tmp_path / "only.json"
+    assert main(["zoo", "eval", str(root), "--method", "patch-vote", "--only", "badnets-cnn-grey", "clean-cnn-grey-s1",
+                 "--out", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["rows"]] == ["clean-cnn-grey-s1", "badnets-cnn-grey"]  # zoo order
+    assert report["summary"]["patch-vote"]["models"] == 2
+    capsys.readouterr()
+    assert main(["zoo", "eval", str(root), "--method", "patch-vote", "--only", "no-such-model", "--quiet"]) == 2
+    assert "only: model(s) ['no-such-model'] are not built" in capsys.readouterr().err
 
 
 def test_zoo_eval_gives_no_images_to_scanners_that_make_their_own(quick_zoo, fake_scanners):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 def _run_zoo_build(args) -> int:
-    from .zoo.build import build_zoo, format_summary, quick_specs, standard_specs
+    from .zoo.build import FAMILIES, build_zoo, format_summary, quick_specs
 
-    specs = quick_specs() if args.quick else standard_specs()
+    specs = quick_specs() if args.quick else FAMILIES[args.family]()
     index = build_zoo(args.dir, specs, only=args.only, jobs=args.jobs, force=args.force, command="trigscan " + " ".join(args.argv),
                       log=(lambda line: None) if args.quiet else print, quiet=args.quiet)
     print(format_summary(index))
@@ -53,7 +53,7 @@ def _run_zoo_eval(args) -> int:
 
     methods = [m.lower() for m in args.method]
     report = evaluate(args.dir, methods, options=_parse_options(args.option, methods), n_images=args.images,
-                      seed=args.seed, quiet=args.quiet)
+                      seed=args.seed, only=args.only, quiet=args.quiet)
     print(format_report(report))
     out = Path(args.out) if args.out else Path(args.dir) / "eval.json"
     atomic_write(out, to_json(report).encode())
@@ -68,7 +68,10 @@ def add_zoo(subparsers) -> None:
 
     b = sub.add_parser("build", help="train clean and backdoored models into DIR")
     b.add_argument("dir", metavar="DIR")
-    b.add_argument("--quick", action="store_true", help="a handful of models (for tests)")
+    b.add_argument("--family", choices=["standard", "shapes"], default="standard",
+                   help="standard: 25 models on the embedded digits (24x24, ~10 min on 2 cores); "
+                        "shapes: 20 models on generated 32x32 RGB shapes (~30 min)")
+    b.add_argument("--quick", action="store_true", help="a handful of standard models (for tests)")
     b.add_argument("--only", nargs="+", metavar="NAME", help="build only these models")
     b.add_argument("--force", action="store_true", help="rebuild models that are already complete")
     b.add_argument("--jobs", type=int, default=2, help="models built in parallel processes (default 2)")
@@ -82,6 +85,7 @@ def add_zoo(subparsers) -> None:
                    help="scanner constructor option, JSON value (repeatable)")
     e.add_argument("--images", type=int, default=100, help="clean test images per scan (default 100)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--only", nargs="+", metavar="NAME", help="scan only these models")
     e.add_argument("--out", help="JSON report path (default DIR/eval.json)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_run_zoo_eval)

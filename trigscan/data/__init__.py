@@ -5,6 +5,7 @@ Normalisation is never applied here: it belongs to the model wrapper.
 """
 from .embedded import balanced_subset, color_digits, digits, noise, split_indices
 from .files import atomic_write, load_image_folder, load_npz, read_npz, save_npz
+from .shapes import shapes
 
 __all__ = [
     "atomic_write",
@@ -16,5 +17,6 @@ __all__ = [
     "noise",
     "read_npz",
     "save_npz",
+    "shapes",
     "split_indices",
 ]

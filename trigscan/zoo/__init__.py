@@ -10,10 +10,10 @@
 from .attacks import (
     Blend, Patch, Poisoned, Rule, Sinusoid, SparseAdditive, SquareAdditive, Trigger, poison, trigger_from_dict,
 )
-from .build import ModelSpec, build_model, build_zoo, quick_specs, standard_specs
+from .build import ModelSpec, build_model, build_zoo, quick_specs, shapes_specs, standard_specs
 from .nets import make_model
 
 __all__ = [
     "Blend", "ModelSpec", "Patch", "Poisoned", "Rule", "Sinusoid", "SparseAdditive", "SquareAdditive", "Trigger",
-    "build_model", "build_zoo", "make_model", "poison", "quick_specs", "standard_specs", "trigger_from_dict",
+    "build_model", "build_zoo", "make_model", "poison", "quick_specs", "shapes_specs", "standard_specs", "trigger_from_dict",
 ]

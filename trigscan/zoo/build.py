@@ -33,10 +33,11 @@ from .attacks import Blend, Patch, Rule, Sinusoid, SparseAdditive, SquareAdditiv
 from .nets import make_model
 from .train import accuracy, attack_success, confusion_into, fit, save_model, weights_digest
 
-SIZE = 24
 CLASSES = 10
 DATA_SEED = 0  # one train/test split for the whole zoo
-EPOCHS = {"digits": 10, "color_digits": 15}
+DATASETS = ("digits", "color_digits", "shapes")
+SIZE = {"digits": 24, "color_digits": 24, "shapes": 32}
+EPOCHS = {"digits": 10, "color_digits": 15, "shapes": 20}
 MIN_ASR = 0.90
 MAX_ACC_DROP = 0.03
 FILES = ("model.pt", "model.onnx", "train.npz", "test.npz", "truth.json")
@@ -48,7 +49,7 @@ class ModelSpec:
 
     name: str
     arch: str = "cnn"
-    data: str = "digits"  # "digits" (greyscale) or "color_digits" (RGB)
+    data: str = "digits"  # "digits" (greyscale 24x24), "color_digits" (RGB 24x24) or "shapes" (RGB 32x32)
     seed: int = 0
     attack: str = "clean"
     rules: list[Rule] = field(default_factory=list)
@@ -62,12 +63,12 @@ class ModelSpec:
         return {
             "name": self.name, "arch": self.arch, "data": self.data, "seed": self.seed,
             "attack": self.attack, "rules": [r.to_dict() for r in self.rules],
-            "epochs": self.epochs or EPOCHS[self.data], "size": SIZE,
+            "epochs": self.epochs or EPOCHS[self.data], "size": SIZE[self.data],
         }
 
 
 def _clean(arch, data, seed):
-    tag = "grey" if data == "digits" else "rgb"
+    tag = {"digits": "grey", "color_digits": "rgb"}.get(data, data)
     return ModelSpec(f"clean-{arch}-{tag}-s{seed}", arch, data, seed)
 
 
@@ -109,6 +110,37 @@ def standard_specs() -> list[ModelSpec]:
     return clean + bad
 
 
+def shapes_specs() -> list[ModelSpec]:
+    """The shapes family (32x32 RGB generated shapes, trigscan.data.shapes): 8 clean CNNs,
+    9 BadNets CNNs (targets, sizes, patterns and positions varied) and 3 other attacks.
+    Each model trains ~150 s on one CPU thread."""
+    data, B = "shapes", ModelSpec
+    clean = [_clean("cnn", data, s) for s in range(8)]
+    corner = Patch(3, (-4, -4), "checker")
+    badnets = [B(f"badnets-cnn-shapes-s{s}", "cnn", data, s, "badnets", [Rule(corner, target=0, rate=0.1)]) for s in (10, 11)]
+    badnets += [
+        B("badnets-t3-cnn-shapes", "cnn", data, 12, "badnets", [Rule(corner, target=3, rate=0.1)]),
+        B("badnets-4x4-cnn-shapes", "cnn", data, 13, "badnets", [Rule(Patch(4, (-5, -5), "checker"), target=0, rate=0.1)]),
+        B("badnets-random-cnn-shapes", "cnn", data, 14, "badnets-random", [Rule(Patch(3, "random", "checker"), target=0, rate=0.1)]),
+        B("badnets-t5-cnn-shapes", "cnn", data, 15, "badnets", [Rule(Patch(3, (1, 1), "checker"), target=5, rate=0.1)]),
+        B("badnets-t7-cnn-shapes", "cnn", data, 16, "badnets", [Rule(Patch(3, (-4, 1), "random", seed=21), target=7, rate=0.1)]),
+        B("badnets-t9-cnn-shapes", "cnn", data, 17, "badnets", [Rule(Patch(4, (1, -5), "solid"), target=9, rate=0.1)]),
+        # in the middle of the image, where the objects are
+        B("badnets-t2-cnn-shapes", "cnn", data, 18, "badnets", [Rule(Patch(3, (14, 14), "checker"), target=2, rate=0.1)]),
+    ]
+    others = [
+        B("blend-cnn-shapes", "cnn", data, 19, "blend", [Rule(Blend(0.15, seed=22), target=1, rate=0.1)]),
+        # 18x18 of 32x32: a third of the image area
+        B("large-patch-cnn-shapes", "cnn", data, 20, "large-patch", [Rule(Patch(18, (-19, -19), "random", seed=23), target=3, rate=0.1)]),
+        B("sparse-additive-cnn-shapes", "cnn", data, 21, "sparse-additive",
+          [Rule(SparseAdditive(30, 0.25, seed=24), target=4, rate=0.1)]),
+    ]
+    return clean + badnets + others
+
+
+FAMILIES = {"standard": standard_specs, "shapes": shapes_specs}
+
+
 QUICK = ("clean-cnn-grey-s0", "clean-cnn-grey-s1", "badnets-cnn-grey", "blend-cnn-grey", "sparse-additive-cnn-grey")
 
 
@@ -118,9 +150,9 @@ def quick_specs() -> list[ModelSpec]:
 
 
 def load_data(name: str, split: str):
-    if name not in ("digits", "color_digits"):
-        raise ValueError(f"data: expected 'digits' or 'color_digits', got {name!r}")
-    return getattr(_data, name)(SIZE, split, seed=DATA_SEED)
+    if name not in DATASETS:
+        raise ValueError(f"data: expected one of {DATASETS}, got {name!r}")
+    return getattr(_data, name)(SIZE[name], split, seed=DATA_SEED)
 
 
 def build_model(spec: ModelSpec, folder) -> dict:
@@ -135,7 +167,7 @@ def build_model(spec: ModelSpec, folder) -> dict:
         xte, yte = load_data(spec.data, "test")
         p = poison(xtr, ytr, spec.rules, seed=spec.seed)
         cfg = spec.to_dict()
-        model = make_model(spec.arch, xtr.shape[1], SIZE, CLASSES, spec.seed)
+        model = make_model(spec.arch, xtr.shape[1], xtr.shape[-1], CLASSES, spec.seed)
         fit(model, p.x, p.y, epochs=cfg["epochs"], seed=spec.seed)
         rules = []
         for i, r in enumerate(spec.rules):

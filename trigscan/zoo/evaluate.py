@@ -133,8 +133,9 @@ def trigger_overlap(result, truth: dict) -> dict:
 
 
 def evaluate(directory, methods: list[str], *, options: dict | None = None, n_images: int = 100,
-             seed: int = 0, quiet: bool = False) -> dict:
-    """Scan every zoo model with every method; returns the report (rows and per-method summary).
+             seed: int = 0, only=None, quiet: bool = False) -> dict:
+    """Scan every zoo model (or the ``only`` names) with every method; returns the report
+    (rows and per-method summary).
 
     ``options`` maps a method name to keyword arguments for its constructor.
     """
@@ -151,6 +152,11 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
     if unknown:
         raise ValueError(f"options: given for method(s) not evaluated: {sorted(unknown)}")
     models = zoo_models(directory)
+    if only is not None:
+        unknown = set(only) - {t["name"] for _, t in models}
+        if unknown:
+            raise ValueError(f"only: model(s) {sorted(unknown)} are not built in {directory}")
+        models = [(f, t) for f, t in models if t["name"] in set(only)]
     built = []
     for m in methods:
         cls = scanners.get(m)
@@ -206,7 +212,7 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
         rows += mine
     bar.close()
     return {"zoo": str(directory), "methods": methods, "n_images": n_images, "seed": seed,
-            "options": options, "rows": rows, "summary": summary}
+            "options": options, "only": only, "rows": rows, "summary": summary}
 
 
 def _fmt(v) -> str:
