@@ -121,7 +121,8 @@ def shapes_specs() -> list[ModelSpec]:
     badnets += [
         B("badnets-t3-cnn-shapes", "cnn", data, 12, "badnets", [Rule(corner, target=3, rate=0.1)]),
         B("badnets-4x4-cnn-shapes", "cnn", data, 13, "badnets", [Rule(Patch(4, (-5, -5), "checker"), target=0, rate=0.1)]),
-        B("badnets-random-cnn-shapes", "cnn", data, 14, "badnets-random", [Rule(Patch(3, "random", "checker"), target=0, rate=0.1)]),
+        # 5% poisoned: at 10% it cost 4.5 points of clean accuracy (88.4%)
+        B("badnets-random-cnn-shapes", "cnn", data, 14, "badnets-random", [Rule(Patch(3, "random", "checker"), target=0, rate=0.05)]),
         B("badnets-t5-cnn-shapes", "cnn", data, 15, "badnets", [Rule(Patch(3, (1, 1), "checker"), target=5, rate=0.1)]),
         B("badnets-t7-cnn-shapes", "cnn", data, 16, "badnets", [Rule(Patch(3, (-4, 1), "random", seed=21), target=7, rate=0.1)]),
         B("badnets-t9-cnn-shapes", "cnn", data, 17, "badnets", [Rule(Patch(4, (1, -5), "solid"), target=9, rate=0.1)]),
@@ -129,7 +130,8 @@ def shapes_specs() -> list[ModelSpec]:
         B("badnets-t2-cnn-shapes", "cnn", data, 18, "badnets", [Rule(Patch(3, (14, 14), "checker"), target=2, rate=0.1)]),
     ]
     others = [
-        B("blend-cnn-shapes", "cnn", data, 19, "blend", [Rule(Blend(0.15, seed=22), target=1, rate=0.1)]),
+        # alpha 0.15 cost 4.7 points at 10% poisoned, 3.5 at 5%; 0.2 at 5%: 2.6
+        B("blend-cnn-shapes", "cnn", data, 19, "blend", [Rule(Blend(0.2, seed=22), target=1, rate=0.05)]),
         # 18x18 of 32x32: a third of the image area
         B("large-patch-cnn-shapes", "cnn", data, 20, "large-patch", [Rule(Patch(18, (-19, -19), "random", seed=23), target=3, rate=0.1)]),
         B("sparse-additive-cnn-shapes", "cnn", data, 21, "sparse-additive",
