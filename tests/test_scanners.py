@@ -128,6 +128,22 @@ class TestContract:
         b = run(name, model, images, labels, seed=1)
         assert a.statistics != b.statistics
 
+    def test_rows_that_never_converged_are_named_in_the_notes(self, name, tiny):
+        model, images, labels = tiny
+        result = run(name, model, images, labels)
+        missed = [c.target for c in result.per_class if not c.converged]
+        notes = [n for n in result.notes if "success threshold" in n]
+        if result.anomaly.kind != "mad":  # L-RED's Gamma test does not exclude them: no such note
+            assert notes == []
+            return
+        assert set(result.targets).isdisjoint(missed)  # never flagged
+        if not missed:
+            assert notes == []
+        elif len(missed) == len(result.per_class):
+            assert len(notes) == 1 and "inconclusive" in notes[0] and not result.backdoored
+        else:
+            assert len(notes) == 1 and notes[0].endswith(", ".join(map(str, missed)))
+
     def test_class_subset(self, name, tiny):
         model, images, labels = tiny
         scanner = scanners.get(name)(**contract_options(name))
@@ -483,3 +499,19 @@ def test_clean_model_is_not_flagged(name, digits_models, one_thread):
     models, images, _ = digits_models
     result = scanners.get(name)(**DETECTION[name]).scan(models["clean"], images, progress=False)
     assert not result.backdoored, (result.targets, result.statistics, result.anomaly.values)
+
+
+def test_convergence_notes_cover_none_some_and_all():
+    from trigscan.result import ClassResult
+    from trigscan.scanners.verdict import convergence_notes
+
+    def rows(converged, source=None):
+        return [ClassResult(target=k, statistic=1.0, asr=1.0 if ok else 0.2, converged=ok, steps=3,
+                            source=source) for k, ok in enumerate(converged)]
+    assert convergence_notes(rows([True, True, True])) == []
+    (note,) = convergence_notes(rows([True, False, False]))
+    assert note.startswith("2 of 3 rows never reached the success threshold") and note.endswith(": 1, 2")
+    (note,) = convergence_notes(rows([False, True], source=4))
+    assert note.endswith(": 4->0")
+    (note,) = convergence_notes(rows([False, False]))
+    assert "inconclusive" in note

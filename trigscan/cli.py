@@ -144,7 +144,8 @@ def format_table(report: dict) -> str:
         rows.append((e["method"], "BACKDOORED" if e["backdoored"] else "clean", targets, test,
                      f"{e['elapsed_s']:.1f} s" + (" (partial)" if e.get("partial") else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    notes = [f"note ({e['method']}): {n}" for e in report["results"] for n in e.get("notes", [])]
+    return "\n".join(["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows] + notes)
 
 
 def add_scan(subparsers, common) -> None:

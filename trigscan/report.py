@@ -340,8 +340,8 @@ def render_html(report: dict, out: Path) -> str:
         parts.append(f"<h2>{esc(entry['method'])}</h2><div class='verdict {'bad' if entry['backdoored'] else 'ok'}'>"
                      f"{esc(verdict)}</div><div class='small'>{test}; "
                      f"{entry['elapsed_s']:.1f} s" + (f"; {entry['queries']} queries" if entry.get("queries") else "")
-                     + ("; <b>partial</b> (" + esc("; ".join(entry.get("notes", []))) + ")" if entry.get("partial") else "")
-                     + "</div>")
+                     + ("; <b>partial</b>" if entry.get("partial") else "")
+                     + "</div>" + "".join(f"<div class='small'>note: {esc(n)}</div>" for n in entry.get("notes", [])))
         pair = any(r.get("source") is not None for r in entry["per_class"])
         head = (("<th>source</th>" if pair else "") + f"<th>class</th><th>{esc(statistic_name(entry))}</th>"
                 "<th>anomaly</th><th>ASR</th><th>converged</th><th>steps</th><th>queries</th>"

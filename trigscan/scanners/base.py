@@ -21,7 +21,7 @@ from ..checkpoint import (Checkpoint, load_fields, module_digest, restore_into, 
                           to_device)
 from ..models import as_white_box
 from ..result import Anomaly, ClassResult, ScanResult
-from .verdict import mad_test
+from .verdict import convergence_notes, mad_test
 
 
 # ---------------------------------------------------------------------------
@@ -704,7 +704,7 @@ class TriggerOptimizer(Scanner):
         flagged_targets, anomaly = self._verdict(per_row)
         return ScanResult(method=self.name, backdoored=bool(flagged_targets), targets=flagged_targets,
                           per_class=per_row, anomaly=anomaly, config=self.get_params(), seed=seed,
-                          elapsed_s=0.0)
+                          elapsed_s=0.0, notes=convergence_notes(per_row))
 
     def _verdict(self, per_row: list[ClassResult]) -> tuple[list[int], Anomaly]:
         """``mad_test`` over the rows' statistics on `anomaly_side`. The flagged
