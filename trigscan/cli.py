@@ -69,7 +69,7 @@ def add_zoo(subparsers) -> None:
     b = sub.add_parser("build", help="train clean and backdoored models into DIR")
     b.add_argument("dir", metavar="DIR")
     b.add_argument("--family", choices=["standard", "shapes"], default="standard",
-                   help="standard: 25 models on the embedded digits (24x24, ~10 min on 2 cores); "
+                   help="standard: 25 models on the embedded digits (24x24, ~2 min on 2 cores); "
                         "shapes: 20 models on generated 32x32 RGB shapes (~30 min)")
     b.add_argument("--quick", action="store_true", help="a handful of standard models (for tests)")
     b.add_argument("--only", nargs="+", metavar="NAME", help="build only these models")

@@ -113,7 +113,7 @@ def standard_specs() -> list[ModelSpec]:
 def shapes_specs() -> list[ModelSpec]:
     """The shapes family (32x32 RGB generated shapes, trigscan.data.shapes): 8 clean CNNs,
     9 BadNets CNNs (targets, sizes, patterns and positions varied) and 3 other attacks.
-    Each model trains ~150 s on one CPU thread."""
+    Each model trains in ~3 min on one CPU thread."""
     data, B = "shapes", ModelSpec
     clean = [_clean("cnn", data, s) for s in range(8)]
     corner = Patch(3, (-4, -4), "checker")
