@@ -63,12 +63,14 @@ def _run_zoo_eval(args) -> int:
 
 
 def add_zoo(subparsers) -> None:
+    from .zoo.build import FAMILIES
+
     zoo = subparsers.add_parser("zoo", help="build a model zoo and evaluate scanners on it")
     sub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="{build,eval}")
 
     b = sub.add_parser("build", help="train clean and backdoored models into DIR")
     b.add_argument("dir", metavar="DIR")
-    b.add_argument("--family", choices=["standard", "shapes"], default="standard",
+    b.add_argument("--family", choices=sorted(FAMILIES), default="standard",
                    help="standard: 25 models on the embedded digits (24x24, ~2 min on 2 cores); "
                         "shapes: 20 models on generated 32x32 RGB shapes (~30 min)")
     b.add_argument("--quick", action="store_true", help="a handful of standard models (for tests)")

@@ -109,11 +109,17 @@ def digits(size: int = 24, split: str = "all", seed: int = 0, test_fraction: flo
     return _select(x, y, split, test_fraction, seed)
 
 
-@lru_cache(maxsize=4)
-def _photos() -> tuple[torch.Tensor, ...]:
+@lru_cache(maxsize=1)
+def sample_photos() -> tuple[np.ndarray, ...]:
+    """scikit-learn's two bundled photographs, uint8 [H, W, 3]."""
     from sklearn.datasets import load_sample_images  # ships with sklearn; reading needs pillow
 
-    return tuple(torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255.0) for img in load_sample_images().images)
+    return tuple(np.array(img) for img in load_sample_images().images)
+
+
+@lru_cache(maxsize=4)
+def _photos() -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(img).permute(2, 0, 1).float().div(255.0) for img in sample_photos())
 
 
 @lru_cache(maxsize=4)

@@ -24,6 +24,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .embedded import sample_photos
+
 CLASS_NAMES = ("disc", "square", "triangle", "ring", "cross", "star", "h-stripes", "v-stripes", "d-stripes", "hexagon")
 SUPERSAMPLE = 4  # objects are drawn this many times finer, then box-averaged (anti-aliasing)
 _SPLIT_ID = {"train": 1, "test": 2}
@@ -108,13 +110,6 @@ def _object(label: int, side: int, rng) -> np.ndarray:
     return _polygon(side, _rotate(corners, cx, cy, theta))
 
 
-@lru_cache(maxsize=1)
-def _photos() -> tuple[np.ndarray, ...]:
-    from sklearn.datasets import load_sample_images  # ships with sklearn
-
-    return tuple(load_sample_images().images)  # uint8 [H, W, 3]
-
-
 def _smooth_noise(rng, size, channels):
     from PIL import Image
 
@@ -138,7 +133,7 @@ def _gradient(rng, size, channels):
 def _photo_crop(rng, size, channels):
     from PIL import Image
 
-    photo = _photos()[int(rng.integers(2))]
+    photo = sample_photos()[int(rng.integers(2))]
     side = int(rng.integers(2 * size, 6 * size + 1))
     top, left = int(rng.integers(photo.shape[0] - side + 1)), int(rng.integers(photo.shape[1] - side + 1))
     crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)

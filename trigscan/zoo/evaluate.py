@@ -153,10 +153,11 @@ def evaluate(directory, methods: list[str], *, options: dict | None = None, n_im
         raise ValueError(f"options: given for method(s) not evaluated: {sorted(unknown)}")
     models = zoo_models(directory)
     if only is not None:
-        unknown = set(only) - {t["name"] for _, t in models}
+        wanted = set(only)
+        unknown = wanted - {t["name"] for _, t in models}
         if unknown:
             raise ValueError(f"only: model(s) {sorted(unknown)} are not built in {directory}")
-        models = [(f, t) for f, t in models if t["name"] in set(only)]
+        models = [(f, t) for f, t in models if t["name"] in wanted]
     built = []
     for m in methods:
         cls = scanners.get(m)
