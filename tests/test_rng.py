@@ -9,7 +9,8 @@
 * the kernel's masks equal the Python ones bit for bit (exactly everywhere for
   p = 0.5; off a 1e-6 band around the threshold otherwise), its normals within
   atol 1e-5 + rtol 1e-5;
-* results do not depend on the CPU thread count;
+* results do not depend on the CPU thread count, nor on the instruction-set
+  clone the loops run (TRIGSCAN_CPU_ISA);
 * the samples have the right distribution and are independent across samples,
   triggers, offsets, seeds and domains;
 * nes_grad's estimates converge to the true gradients of E[F] at rate
@@ -384,6 +385,30 @@ def test_results_do_not_depend_on_thread_count(restore_threads):
     assert len(single) == len(double) == 26
     for i, (a, b) in enumerate(zip(single, double)):
         assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_results_do_not_depend_on_the_instruction_set(isa, tmp_path):
+    """The CPU loops are compiled for baseline x86-64, AVX2 and AVX-512 and the
+    best one the CPU has is used (the AVX-512 clone draws Philox words with
+    hand-written intrinsics). TRIGSCAN_CPU_ISA lowers the choice: every op must
+    give the same bits under a lower clone, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / f"{isa}.pt"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); "
+            "from test_rng import _run_all_ops; torch.save(_run_all_ops(0), sys.argv[2])")
+    env = dict(os.environ, TRIGSCAN_CPU_ISA=isa)
+    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(out)], env=env,
+                   check=True, timeout=300)
+    lowered = torch.load(out)
+    here = _run_all_ops(0)
+    assert len(lowered) == len(here) == 26
+    for i, (a, b) in enumerate(zip(lowered, here)):
+        assert torch.equal(a, b), f"output {i} differs under TRIGSCAN_CPU_ISA={isa}"
 
 
 # ---------------------------------------------------------------------------
