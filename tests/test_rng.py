@@ -21,6 +21,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,11 +397,6 @@ def test_results_do_not_depend_on_the_instruction_set(isa, tmp_path):
     best one the CPU has is used (the AVX-512 clone draws Philox words with
     hand-written intrinsics). TRIGSCAN_CPU_ISA lowers the choice: every op must
     give the same bits under a lower clone, in a fresh process."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / f"{isa}.pt"
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); "
             "from test_rng import _run_all_ops; torch.save(_run_all_ops(0), sys.argv[2])")
