@@ -391,6 +391,20 @@ def test_results_do_not_depend_on_thread_count(restore_threads):
         assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads"
 
 
+def _odd_shape_nes_ops():
+    """NES ops on sizes that end part-way through the AVX-512 draw's 48-block
+    groups and 4-block stores (19x19: 91 mask blocks = 48 + 43, 271 pattern
+    blocks), with nes_grad's second 64-block range starting at block 64."""
+    gen = torch.Generator().manual_seed(1)
+    theta_m, theta_p = _thetas(2, 1, 3, 19, 19, seed=9)
+    x = torch.rand(2, 3, 19, 19, generator=gen)
+    losses = torch.randn(2, 10, generator=gen)
+    outs = list(ops.nes_samples(theta_m, theta_p, 5, 3, 4))
+    outs.append(ops.nes_sample_stamp(x, theta_m, theta_p, 5, 0.2, 3, 4, False))
+    outs += ops.nes_grad(losses, theta_m, theta_p, 5, 0.2, 3, 4, False, False)
+    return outs
+
+
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 def test_results_do_not_depend_on_the_instruction_set(isa, tmp_path):
     """The CPU loops are compiled for baseline x86-64, AVX2 and AVX-512 and the
@@ -399,13 +413,14 @@ def test_results_do_not_depend_on_the_instruction_set(isa, tmp_path):
     give the same bits under a lower clone, in a fresh process."""
     out = tmp_path / f"{isa}.pt"
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); "
-            "from test_rng import _run_all_ops; torch.save(_run_all_ops(0), sys.argv[2])")
+            "from test_rng import _run_all_ops, _odd_shape_nes_ops; "
+            "torch.save(_run_all_ops(0) + _odd_shape_nes_ops(), sys.argv[2])")
     env = dict(os.environ, TRIGSCAN_CPU_ISA=isa)
     subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(out)], env=env,
                    check=True, timeout=300)
     lowered = torch.load(out)
-    here = _run_all_ops(0)
-    assert len(lowered) == len(here) == 26
+    here = _run_all_ops(0) + _odd_shape_nes_ops()
+    assert len(lowered) == len(here) == 26 + 5
     for i, (a, b) in enumerate(zip(lowered, here)):
         assert torch.equal(a, b), f"output {i} differs under TRIGSCAN_CPU_ISA={isa}"
 

@@ -368,8 +368,8 @@ inline void draw_words_scalar(const NesShape& sh, int64_t t, int64_t j, RngDomai
 // independent 16-lane chains, so the multiplies' latency overlaps). GCC
 // vectorises the scalar loop with 64-bit multiplies (vpmullq, slow on Intel);
 // here each 32x32->64 product is two vpmuludq on the even / odd lanes. The
-// rounds are philox4x32_10's exactly (tests: kernel words equal the Python
-// Philox and the CUDA emulator, which runs common/philox.h).
+// rounds are philox4x32_10's exactly (tests/test_rng.py: every op gives the
+// same bits under TRIGSCAN_CPU_ISA=base|avx2, i.e. with the shared code).
 TS_AVX512 inline void mulhilo16(__m512i a, __m512i mul, __m512i& hi, __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(a, mul);                        // lanes 0, 2, ...
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), mul);  // lanes 1, 3, ...
