@@ -50,6 +50,17 @@ def test_split_takes_top_and_bottom_k_of_each_predicted_label():
     assert split.sizes == {0: 6, 1: 3, 2: 1}
 
 
+def test_split_ranks_confidences_that_round_to_one():
+    # logit margins 38..45: log_softmax is exactly 0.0 for all of them in float64,
+    # yet the larger margin is the more confident image
+    margins = torch.tensor([38.0, 45.0, 40.0, 44.0, 39.0, 42.0])
+    logits = torch.stack([margins, torch.zeros(6), torch.full((6,), -3.0)], dim=1)
+    assert (logits.double().log_softmax(dim=1)[:, 0] == 0).all()
+    for scores in (logits, logits.double().log_softmax(dim=1)):  # either kind of score
+        split = confidence_split(scores, 2, [0])
+        assert split.high[0].tolist() == [1, 3] and split.low[0].tolist() == [4, 0]
+
+
 # ---------------------------------------------------------------------------
 # The verdict: the 0.9 rule, MAD low side > 3.5, degenerate ratios
 # ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 own (possibly poisoned) training set, all labels in one batch.
 
 1. Predict the training set; group it by predicted label z and sort each group
-   by the softmax confidence of z: the high set is the top K, the low set the
+   by the softmax confidence of z (ranked by its log-odds, which does not
+   saturate): the high set is the top K, the low set the
    bottom K (a group smaller than 2K is split in halves).
 2. Per label, learn a mask/pattern patch on the high set that pushes the z-th
    probability to 0: minimise mean softmax(f(stamp(x)))_z^2 + lambda ||m||_1,
@@ -66,16 +67,16 @@ class ConfidenceSplit:
     skipped: list[int]  # labels with fewer than 2 images: no patch, no ratio
 
 
-def confidence_split(log_probs: torch.Tensor, k: int, classes: list[int]) -> ConfidenceSplit:
+def confidence_split(scores: torch.Tensor, k: int, classes: list[int]) -> ConfidenceSplit:
     """Group by predicted label, most confident first (ties in image order).
 
-    log_probs: log-softmax [N, classes], in float64: a trained model's top
-    confidences saturate at 1.0 in float32 softmax, and their order would be lost.
+    scores: logits (or log-probabilities) [N, classes]; the ranking is by
+    `confidence_log_odds`, which keeps the order of confidences that round to 1.
     """
-    confidence, predicted = log_probs.max(dim=1)
+    confidence, predicted = confidence_log_odds(scores)
     order = torch.sort(-confidence, stable=True).indices
     order = order[torch.sort(predicted[order], stable=True).indices]  # by label, then confidence
-    counts = torch.bincount(predicted, minlength=log_probs.shape[1]).tolist()
+    counts = torch.bincount(predicted, minlength=scores.shape[1]).tolist()
     starts = [sum(counts[:z]) for z in range(len(counts))]
     split = ConfidenceSplit([], [], [], {}, [], [])
     for z in classes:
@@ -99,10 +100,25 @@ def flips(logits: torch.Tensor, labels: torch.Tensor, weight=None) -> torch.Tens
     return moved.sum(dim=1) if weight is None else (moved * weight).sum(dim=1)
 
 
-def log_probabilities(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """log softmax [N, classes] in float64 (confidence order without saturation)."""
+def confidence_log_odds(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(p_z / (1 - p_z)) of each image's predicted label z, and z.
+
+    Computed in float64 as z's logit minus the log-sum-exp of the others, it
+    orders images exactly as p_z does; log p_z itself rounds to 0 once
+    1 - p_z < 1e-16 (a logit margin of ~37, common on a trained model's
+    poisoned samples), which would leave the most confident images in image
+    order rather than by confidence.
+    """
+    scores = scores.double()
+    top, predicted = scores.max(dim=1)
+    others = scores.scatter(1, predicted[:, None], -torch.inf)
+    return top - others.logsumexp(dim=1), predicted
+
+
+def model_scores(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The model's class scores [N, classes] over the images, batch by batch."""
     with torch.no_grad():
-        return torch.cat([model(x).double().log_softmax(dim=1) for x in image_batches(images, batch_size)])
+        return torch.cat([model(x) for x in image_batches(images, batch_size)])
 
 
 @register("dtinspector")
@@ -118,7 +134,7 @@ class DTInspector(MaskPatternOptimizer):
 
     def _scan(self, model, images, labels, classes, seed, show, checkpoint=None):
         cfg = self.config
-        split = confidence_split(log_probabilities(model, images), cfg.k, classes)
+        split = confidence_split(model_scores(model, images), cfg.k, classes)
         if split.labels:
             self._split = split  # read by the hooks below during this scan
             try:
