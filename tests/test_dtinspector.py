@@ -19,7 +19,7 @@ from trigscan import scanners
 from trigscan.data import read_npz
 from trigscan.mitigation import drop_indices
 from trigscan.result import ClassResult
-from trigscan.scanners.dtinspector import DTInspector, confidence_split
+from trigscan.scanners.dtinspector import DTInspector, confidence_split, push_off_label
 
 # detection settings of the quick-zoo tests (docs/dtinspector.md): the defaults
 # but K = 25 and max_steps = 300, for time
@@ -59,6 +59,35 @@ def test_split_ranks_confidences_that_round_to_one():
     for scores in (logits, logits.double().log_softmax(dim=1)):  # either kind of score
         split = confidence_split(scores, 2, [0])
         assert split.high[0].tolist() == [1, 3] and split.low[0].tolist() == [4, 0]
+
+
+# ---------------------------------------------------------------------------
+# The patch's loss
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 1, 2), (3, 5, 10), (2, 7, 4)])
+def test_push_off_label_is_its_formula_values_and_gradients(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    logits = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    labels = torch.randint(0, shape[2], (shape[0],), generator=g)
+    p_z = logits.softmax(dim=2)[torch.arange(shape[0]), :, labels]  # [R, B]
+    for loss, reference in (("mse", p_z.square()), ("log", -torch.log1p(-p_z))):
+        got = push_off_label(logits, labels, loss)
+        torch.testing.assert_close(got, reference)
+        weights = torch.rand(shape[:2], generator=g, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad((got * weights).sum(), logits)[0],
+                                   torch.autograd.grad((reference * weights).sum(), logits, retain_graph=True)[0])
+
+
+def test_log_loss_keeps_a_gradient_where_the_papers_mse_has_none():
+    # margin 40 in float32: p_z rounds to 1, so p_z^2 has no gradient to follow
+    logits = torch.tensor([[[40.0, 0.0, -2.0]]], requires_grad=True)
+    labels = torch.tensor([0])
+    mse_grad, = torch.autograd.grad(push_off_label(logits, labels, "mse").sum(), logits)
+    log_value = push_off_label(logits, labels, "log")
+    log_grad, = torch.autograd.grad(log_value.sum(), logits)
+    assert mse_grad.abs().max() < 1e-15
+    assert math.isfinite(log_value.item()) and log_value.item() == pytest.approx(40 - math.log1p(math.exp(-2)), rel=1e-6)
+    assert log_grad[0, 0, 0].item() == pytest.approx(1.0, abs=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +142,7 @@ def test_degenerate_ratios_give_defined_results():
 
 @pytest.mark.parametrize("options, message", [({"k": 0}, "k"), ({"clean_ratio": 1.5}, "clean_ratio"),
                                               ({"asr_threshold": 0.0}, "asr_threshold"),
-                                              ({"min_mad": -1}, "min_mad")])
+                                              ({"min_mad": -1}, "min_mad"), ({"loss": "ce"}, "loss")])
 def test_invalid_options(options, message):
     with pytest.raises(ValueError, match=message):
         DTInspector(**options)
@@ -122,7 +151,7 @@ def test_invalid_options(options, message):
 def test_defaults_are_the_papers():
     cfg = DTInspector().config
     assert (cfg.k, cfg.init_cost, cfg.cost_start_at_zero, cfg.asr_threshold, cfg.clean_ratio,
-            cfg.anomaly_threshold) == (50, 1e-4, False, 0.95, 0.9, 3.5)
+            cfg.anomaly_threshold, cfg.loss) == (50, 1e-4, False, 0.95, 0.9, 3.5, "mse")
     assert scanners.get("dtinspector") is DTInspector and DTInspector.uses_training_set
 
 

@@ -44,11 +44,16 @@ class DTInspectorConfig(OptimizerConfig):
     clean_ratio: float = 0.9  # every transfer ratio above this: clean
     anomaly_threshold: float = 3.5
     min_mad: float | None = None  # floor of the MAD of the ratios; None: 1/k (one sample)
+    # "mse": the paper's p_z^2; "log": -log(1 - p_z), whose gradient does not vanish
+    # when p_z rounds to 1 (a saturated high set leaves the MSE patch stuck)
+    loss: str = "mse"
 
     def __post_init__(self):
         super().__post_init__()
         if self.min_mad is not None and not (isinstance(self.min_mad, (int, float)) and 0 <= self.min_mad <= 1):
             raise ValueError(f"min_mad: expected None or a value in [0, 1], got {self.min_mad!r}")
+        if self.loss not in ("mse", "log"):
+            raise ValueError(f"loss: expected 'mse' or 'log', got {self.loss!r}")
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"k: expected an int >= 1, got {self.k!r}")
         if not (isinstance(self.clean_ratio, (int, float)) and 0 <= self.clean_ratio <= 1):
@@ -92,6 +97,19 @@ def confidence_split(scores: torch.Tensor, k: int, classes: list[int]) -> Confid
         split.high.append(group[:size])
         split.low.append(group[len(group) - size:])
     return split
+
+
+def push_off_label(logits: torch.Tensor, labels: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """The patch's data term per image, [R, B] from logits [R, B, classes] and each row's label z.
+
+    "mse": p_z^2 (the paper). "log": -log(1 - p_z) = -log sum_{j != z} p_j,
+    taken from the log-softmax so that it stays finite, with a gradient, when
+    p_z rounds to 1 in float32 (where p_z^2's gradient is 0).
+    """
+    index = labels.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+    if loss == "mse":
+        return logits.softmax(dim=2).gather(2, index).squeeze(2).square()
+    return -logits.log_softmax(dim=2).scatter(2, index, -torch.inf).logsumexp(dim=2)
 
 
 def flips(logits: torch.Tensor, labels: torch.Tensor, weight=None) -> torch.Tensor:
@@ -176,8 +194,7 @@ class DTInspector(MaskPatternOptimizer):
     def _batch_loss(self, model, params, batch, targets, cost):
         trigger = self._trigger(params)
         logits = self._logits(model, trigger, batch.x)
-        p_z = logits.softmax(dim=2).gather(2, targets.view(-1, 1, 1).expand(-1, logits.shape[1], 1))
-        loss = p_z.squeeze(2).square().mean(dim=1) + cost * self._size(trigger)
+        loss = push_off_label(logits, targets, self.config.loss).mean(dim=1) + cost * self._size(trigger)
         return loss, flips(logits, targets, batch.weight)
 
     def _success(self, model, trigger, batch, targets):
