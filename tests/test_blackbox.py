@@ -48,6 +48,31 @@ def counted(path):
     return QueryModel(oracle, inner.num_classes, inner.input_shape, outputs="logits"), oracle
 
 
+def test_query_losses_are_the_cross_entropy_of_the_query_images():
+    # the target's logit sits 60-70 below the other's: p_t ~ 1e-27, which a floor
+    # on the probabilities (say 1e-12) would flatten into one constant loss
+    from trigscan import ops
+    from trigscan.scanners.b3d import B3D
+
+    def logits(x):
+        brightness = x.flatten(1).mean(dim=1)
+        return torch.stack([torch.zeros_like(brightness), -60 - 10 * brightness], dim=1)
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(5, 1, 4, 4, generator=g)
+    theta_m, theta_p = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
+    targets = torch.tensor([1, 0])
+    model = QueryModel(logits, 2, (1, 4, 4), outputs="logits")
+    scanner = B3D(k=3, batch_size=5, max_batch_images=24)  # 2 images per chunk: three chunks
+    losses = scanner._query_losses(model, x, theta_m, theta_p, targets, 7, 2)
+    batch = ops.nes_sample_stamp(x, theta_m, theta_p, 3, scanner.config.sigma, 7, 2, False)  # [T, 2k, N, ...]
+    log_p = torch.log_softmax(logits(batch.reshape(-1, 1, 4, 4)).double(), dim=1).view(2, 6, 5, 2)
+    expected = -log_p.gather(3, targets.view(2, 1, 1, 1).expand(2, 6, 5, 1)).squeeze(3).mean(dim=2)
+    torch.testing.assert_close(losses, expected.float())
+    assert losses[0].min() > 60 and losses[0].std() > 0.1  # the signal is kept
+    assert model.queries == 2 * 6 * 5
+
+
 def test_reported_queries_equal_what_the_model_received(onnx_model_and_images):
     path, x = onnx_model_and_images
     model, oracle = counted(path)

@@ -101,6 +101,22 @@ def test_auto_outputs_detects_logits_and_probabilities():
         torch.testing.assert_close(model(x), expected)
 
 
+def test_log_probabilities_keep_what_float32_probabilities_round_to_zero():
+    # a margin of 120: exp(-120) is below float32's smallest subnormal
+    logits = torch.tensor([[120.0, 0.0, -5.0], [1.0, 2.0, 3.0]])
+    model = QueryModel(lambda x: logits[:x.shape[0]], 3, (1, 2, 2), outputs="logits")
+    x = torch.rand(2, 1, 2, 2)
+    assert model(x)[0, 1] == 0
+    torch.testing.assert_close(model.log_probabilities(x), torch.log_softmax(logits.double(), 1).float())
+    assert model.queries == 4  # a query is a query, whichever form the answer takes
+
+    probs = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    model = QueryModel(lambda x: probs[:x.shape[0]], 3, (1, 2, 2), outputs="probabilities")
+    log_p = model.log_probabilities(x)
+    assert log_p[0, 1] == pytest.approx(np.log(np.finfo(np.float32).tiny))  # a 0 answer: floored
+    torch.testing.assert_close(log_p[1], probs[1].log())
+
+
 def test_wrong_image_shape_names_the_argument():
     model = QueryModel(Counting(tiny_net()), 10, (1, 8, 8), outputs="logits")
     with pytest.raises(ValueError, match="images: the model takes"):

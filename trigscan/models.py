@@ -169,15 +169,31 @@ class QueryModel:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities [B, K] (float32, CPU) for images [B, C, H, W]."""
+        scores = self._scores(images)
+        # one softmax per call, not per batch: between two ONNX Runtime runs a
+        # small multi-threaded torch op costs ~10 ms on a busy 2-core machine
+        return torch.softmax(scores, dim=1) if self.outputs == "logits" else scores
+
+    def log_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """log of the class probabilities [B, K] (float32), the same queries as a call.
+
+        From logits this is their log-softmax, exact where the probabilities
+        themselves round to 0 (a confident model gives most classes p < 1e-38);
+        from probabilities, their log, floored at log of float32's smallest
+        normal number (-87.3) where the answer is 0.
+        """
+        scores = self._scores(images)
+        if self.outputs == "logits":
+            return torch.log_softmax(scores, dim=1)
+        return scores.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+    def _scores(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise ValueError(f"images: the model takes [B, {', '.join(map(str, self.input_shape))}],"
                              f" got {tuple(images.shape)}")
         images = images.detach().to("cpu", torch.float32).contiguous()
-        scores = torch.cat([self._query(images[i:i + self.batch_size])
-                            for i in range(0, images.shape[0], self.batch_size)])
-        # one softmax per call, not per batch: between two ONNX Runtime runs a
-        # small multi-threaded torch op costs ~10 ms on a busy 2-core machine
-        return torch.softmax(scores, dim=1) if self.outputs == "logits" else scores
+        return torch.cat([self._query(images[i:i + self.batch_size])
+                          for i in range(0, images.shape[0], self.batch_size)])
 
     def _query(self, batch: torch.Tensor) -> torch.Tensor:
         if self.budget is not None and self.queries + batch.shape[0] > self.budget:

@@ -234,10 +234,9 @@ class B3D(Scanner):
             # image: every chunk stamps the same k masks and patterns
             batch = ops.nes_sample_stamp(xc, theta_m, theta_p, cfg.k, cfg.sigma, seed, step,
                                          cfg.joint)
-            probs = model(batch.reshape(-1, *x.shape[1:])).view(t, rows, xc.shape[0], -1)
-            p_target = probs.gather(3, targets.view(t, 1, 1, 1).expand(t, rows, xc.shape[0], 1))
-            total += -torch.log(p_target.squeeze(3).clamp_min(1e-12)).sum(dim=2)
-            del batch, probs  # free this chunk before the next is made: one chunk at a time
+            log_p = model.log_probabilities(batch.reshape(-1, *x.shape[1:])).view(t, rows, xc.shape[0], -1)
+            total -= log_p.gather(3, targets.view(t, 1, 1, 1).expand(t, rows, xc.shape[0], 1)).squeeze(3).sum(dim=2)
+            del batch, log_p  # free this chunk before the next is made: one chunk at a time
         return total / n
 
     @staticmethod
