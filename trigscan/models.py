@@ -178,7 +178,7 @@ class QueryModel:
         """log of the class probabilities [B, K] (float32), the same queries as a call.
 
         From logits this is their log-softmax, exact where the probabilities
-        themselves round to 0 (a confident model gives most classes p < 1e-38);
+        themselves underflow (a confident model's least likely classes);
         from probabilities, their log, floored at log of float32's smallest
         normal number (-87.3) where the answer is 0.
         """

@@ -2,11 +2,12 @@
 own (possibly poisoned) training set, all labels in one batch.
 
 1. Predict the training set; group it by predicted label z and sort each group
-   by the softmax confidence of z (ranked by its log-odds, which does not
-   saturate): the high set is the top K, the low set the
-   bottom K (a group smaller than 2K is split in halves).
+   by the softmax confidence of z (as its log-odds, which do not round to a
+   tie near 1): the high set is the top K, the low set the bottom K (a group
+   smaller than 2K is split in halves).
 2. Per label, learn a mask/pattern patch on the high set that pushes the z-th
-   probability to 0: minimise mean softmax(f(stamp(x)))_z^2 + lambda ||m||_1,
+   probability to 0: minimise mean softmax(f(stamp(x)))_z^2 + lambda ||m||_1
+   (or -log(1 - p_z) with loss="log"),
    lambda from 1e-4 under Neural Cleanse's schedule with 95% flips (prediction
    no longer z) as the success threshold; keep the smallest mask with >= 95%.
 3. Transfer ratio r_z: the share of the low set that the patch moves off z.
