@@ -25,7 +25,7 @@ from trigscan import ops, reference, scanners
 from trigscan.models import ModelError
 from trigscan.result import ScanResult
 from trigscan.scanners import nc, pixel, tabor  # noqa: F401  (registers them)
-from trigscan.scanners.base import BestTracker, CostSchedule, RowImages, stamped_logits
+from trigscan.scanners.base import BestTracker, CostSchedule, RowImages, model_scores, stamped_logits
 
 
 # methods without any random choice (L-RED starts from v = 0); a scanner can
@@ -515,3 +515,16 @@ def test_convergence_notes_cover_none_some_and_all():
     assert note.endswith(": 4->0")
     (note,) = convergence_notes(rows([False, False]))
     assert "inconclusive" in note
+
+
+@pytest.mark.parametrize("n, batch_size", [(1, 4), (7, 3), (8, 8), (9, 256)])
+def test_model_scores_are_one_forward_in_batches_without_a_graph(n, batch_size):
+    torch.manual_seed(n)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    images = torch.rand(n, 3, 2, 2)
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    scores = model_scores(model, images, batch_size)
+    torch.testing.assert_close(scores, model(images).detach())
+    assert not scores.requires_grad
+    assert seen[:-1] == [min(batch_size, n - i) for i in range(0, n, batch_size)]

@@ -17,7 +17,7 @@ import torch
 
 from .models import as_white_box
 from .result import ScanResult
-from .scanners.base import check_images, check_labels
+from .scanners.base import check_images, check_labels, model_scores
 
 
 def drop_indices(model, images, labels, result: ScanResult, *, confidence: float | None = None,
@@ -49,9 +49,9 @@ def drop_indices(model, images, labels, result: ScanResult, *, confidence: float
         raise ValueError(f"result: no learned patch for flagged label(s) {missing}")
     if not result.targets:
         return torch.zeros(0, dtype=torch.long)
+    if labels is None:
+        labels = model_scores(model, images, batch_size).argmax(1)
     with torch.no_grad():
-        if labels is None:
-            labels = torch.cat([model(x).argmax(1) for x in images.split(batch_size)])
         flagged = torch.tensor(result.targets, device=images.device)
         row = torch.zeros(num_classes, dtype=torch.long, device=images.device)
         row[flagged] = torch.arange(len(flagged), device=images.device)  # label -> its patch

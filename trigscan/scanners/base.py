@@ -278,6 +278,13 @@ def image_batches(images: torch.Tensor, batch_size: int):
         yield images[start:start + batch_size]
 
 
+def model_scores(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The model's class scores [N, classes] over the images, in no-grad batches
+    (the one place scanners, mitigation and the zoo run a model over a set)."""
+    with torch.no_grad():
+        return torch.cat([model(x) for x in image_batches(images, batch_size)])
+
+
 def progress_bar(total: int, desc: str, show: bool):
     from ..progress import Bar  # a tqdm bar when shown, plus events for logs (trigscan.progress)
 
@@ -349,8 +356,7 @@ class RowImages:
 
     def predict(self, model, batch_size: int) -> None:
         """Store the model's predictions on the clean images (for methods that need them)."""
-        with torch.no_grad():
-            self.clean = torch.cat([model(x).argmax(dim=1) for x in image_batches(self.images, batch_size)])
+        self.clean = model_scores(model, self.images, batch_size).argmax(dim=1)
 
     def batches(self, rows: torch.Tensor, batch_size: int, max_images: int):
         """For each mini-batch: an iterator of (sl, Batch), `sl` a slice of `rows`."""

@@ -30,7 +30,7 @@ import torch
 from ..detect import mad_anomaly_index, mad_outliers
 from ..result import Anomaly, ClassResult, ScanResult
 from . import register
-from .base import OptimizerConfig, RowImages, image_batches, slice_rows
+from .base import OptimizerConfig, RowImages, model_scores, slice_rows
 from .nc import MaskPatternOptimizer
 
 
@@ -132,12 +132,6 @@ def confidence_log_odds(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     top, predicted = scores.max(dim=1)
     others = scores.scatter(1, predicted[:, None], -torch.inf)
     return top - others.logsumexp(dim=1), predicted
-
-
-def model_scores(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The model's class scores [N, classes] over the images, batch by batch."""
-    with torch.no_grad():
-        return torch.cat([model(x) for x in image_batches(images, batch_size)])
 
 
 @register("dtinspector")

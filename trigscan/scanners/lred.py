@@ -24,7 +24,7 @@ from ..checkpoint import restore_into
 from ..detect import gamma_order_pvalue
 from ..result import Anomaly, ClassResult, ScanResult
 from . import register
-from .base import Scanner, progress_bar
+from .base import Scanner, model_scores, progress_bar
 
 
 @dataclasses.dataclass
@@ -144,8 +144,7 @@ class LRED(Scanner):
         n = self.config.images_per_class
         if n < 2:
             raise ValueError(f"images_per_class: L-RED needs at least 2, got {n}")
-        with torch.no_grad():
-            predicted = torch.cat([model(chunk).argmax(1) for chunk in images.split(256)])
+        predicted = model_scores(model, images).argmax(1)
         chosen, fallback = [], []
         for c in range(num_classes):
             of_class = (labels == c).nonzero().flatten().cpu()

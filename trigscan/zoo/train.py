@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import atomic_write
+from ..scanners.base import model_scores
 from .attacks import Rule
 
 
@@ -43,10 +44,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed
     return model.eval()
 
 
-@torch.no_grad()
 def predict(model, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Predicted labels for ``x``, in batches."""
-    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return model_scores(model, x, batch_size).argmax(1)
 
 
 def accuracy(model, x, y) -> float:
