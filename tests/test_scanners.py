@@ -358,9 +358,23 @@ def test_cost_schedule_matches_the_scalar_rule(start_at_zero, up, threshold):
                 scalar[i].step(asr[i])
             for i in range(k):
                 s = scalar[i]
-                assert float(vector.cost[i]) == pytest.approx(s.cost, rel=1e-5, abs=1e-30), (trial, step, i)
+                assert float(vector.cost[i]) == pytest.approx(min(s.cost, CostSchedule.MAX_COST), rel=1e-5, abs=1e-30), (trial, step, i)
                 assert int(vector.up_counter[i]) == s.up_counter and int(vector.down_counter[i]) == s.down_counter
                 assert bool(vector.went_up[i]) == s.went_up and bool(vector.went_down[i]) == s.went_down
+
+
+
+def test_cost_of_a_class_that_always_succeeds_stays_finite():
+    # B3D-SS at 1000 iterations: a class the model already gives to noise succeeds
+    # every step; 200 raises of 2x would read inf in float32 and NaN in its gradient
+    schedule = CostSchedule(2, 1e-3, 0.99, 5, 2.0, 2.0 ** 1.5, True)
+    rows = torch.tensor([0, 1])
+    for _ in range(1000):
+        schedule.update(rows, torch.tensor([1.0, 0.0]))
+    assert schedule.cost.tolist() == [CostSchedule.MAX_COST, 0.0]
+    assert float(schedule._cost[0]) > CostSchedule.MAX_COST  # the schedule itself is the official rule
+    mask = torch.zeros(4)  # a mask squashed to exactly 0, as B3D-SS reached it
+    assert torch.isfinite(schedule.cost[0] * 2 * mask * (1 - mask)).all()
 
 
 def test_best_tracker_keeps_the_smallest_eligible():

@@ -179,6 +179,10 @@ class CostSchedule:
     Without start_at_zero the cost starts at `init` (PixelBackdoor's rule).
     """
 
+    # the losses' cost never exceeds this: there the cost term outweighs the
+    # data term by orders of magnitude already, so a larger cost changes nothing
+    MAX_COST = 1e6
+
     def __init__(self, k: int, init: float, threshold: float, patience: int, up: float,
                  down: float, start_at_zero: bool, device=None):
         self.init, self.threshold, self.patience = init, threshold, patience
@@ -186,9 +190,11 @@ class CostSchedule:
         zeros = torch.zeros(k, dtype=torch.long, device=device)
         # the schedule runs in float64 (Python floats in the official code: a cost
         # divided for hundreds of steps must not underflow to 0, which would read
-        # as "not set yet"); `cost` is its float32 view for the losses
+        # as "not set yet"); `cost` is its float32 view for the losses, capped at
+        # MAX_COST: a class that always succeeds is raised every `patience` steps,
+        # and past ~128 raises float32 reads inf (inf x 0 = NaN in a gradient)
         self._cost = torch.full((k,), 0.0 if start_at_zero else init, dtype=torch.float64, device=device)
-        self.cost = self._cost.float()
+        self.cost = self._cost.clamp(max=self.MAX_COST).float()
         self.set_counter, self.up_counter, self.down_counter = zeros.clone(), zeros.clone(), zeros.clone()
         self.went_up = torch.zeros(k, dtype=torch.bool, device=device)
         self.went_down = torch.zeros_like(self.went_up)
@@ -206,7 +212,7 @@ class CostSchedule:
         lower_cost = (down >= self.patience) & ~raise_cost
         cost = torch.where(raise_cost, cost * self.up, torch.where(lower_cost, cost / self.down, cost))
         self._cost[rows] = cost
-        self.cost[rows] = cost.float()
+        self.cost[rows] = cost.clamp(max=self.MAX_COST).float()
         self.set_counter[rows] = set_counter
         self.up_counter[rows] = torch.where(raise_cost, 0, up)
         self.down_counter[rows] = torch.where(lower_cost, 0, down)
