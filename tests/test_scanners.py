@@ -363,7 +363,6 @@ def test_cost_schedule_matches_the_scalar_rule(start_at_zero, up, threshold):
                 assert bool(vector.went_up[i]) == s.went_up and bool(vector.went_down[i]) == s.went_down
 
 
-
 def test_cost_of_a_class_that_always_succeeds_stays_finite():
     # B3D-SS at 1000 iterations: a class the model already gives to noise succeeds
     # every step; 200 raises of 2x would read inf in float32 and NaN in its gradient

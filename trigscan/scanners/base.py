@@ -179,8 +179,9 @@ class CostSchedule:
     Without start_at_zero the cost starts at `init` (PixelBackdoor's rule).
     """
 
-    # the losses' cost never exceeds this: there the cost term outweighs the
-    # data term by orders of magnitude already, so a larger cost changes nothing
+    # the losses' cost never exceeds this: there the cost term already outweighs
+    # the data term by orders of magnitude, and more would only scale what Adam
+    # normalises
     MAX_COST = 1e6
 
     def __init__(self, k: int, init: float, threshold: float, patience: int, up: float,
@@ -192,7 +193,7 @@ class CostSchedule:
         # divided for hundreds of steps must not underflow to 0, which would read
         # as "not set yet"); `cost` is its float32 view for the losses, capped at
         # MAX_COST: a class that always succeeds is raised every `patience` steps,
-        # and past ~128 raises float32 reads inf (inf x 0 = NaN in a gradient)
+        # and past ~140 raises from 1e-3 float32 reads inf (inf x 0 = NaN in a gradient)
         self._cost = torch.full((k,), 0.0 if start_at_zero else init, dtype=torch.float64, device=device)
         self.cost = self._cost.clamp(max=self.MAX_COST).float()
         self.set_counter, self.up_counter, self.down_counter = zeros.clone(), zeros.clone(), zeros.clone()
