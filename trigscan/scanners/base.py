@@ -195,7 +195,7 @@ class CostSchedule:
         # MAX_COST: a class that always succeeds is raised every `patience` steps,
         # and past ~140 raises from 1e-3 float32 reads inf (inf x 0 = NaN in a gradient)
         self._cost = torch.full((k,), 0.0 if start_at_zero else init, dtype=torch.float64, device=device)
-        self.cost = self._cost.clamp(max=self.MAX_COST).float()
+        self.cost = self._loss_cost(self._cost)
         self.set_counter, self.up_counter, self.down_counter = zeros.clone(), zeros.clone(), zeros.clone()
         self.went_up = torch.zeros(k, dtype=torch.bool, device=device)
         self.went_down = torch.zeros_like(self.went_up)
@@ -213,12 +213,16 @@ class CostSchedule:
         lower_cost = (down >= self.patience) & ~raise_cost
         cost = torch.where(raise_cost, cost * self.up, torch.where(lower_cost, cost / self.down, cost))
         self._cost[rows] = cost
-        self.cost[rows] = cost.clamp(max=self.MAX_COST).float()
+        self.cost[rows] = self._loss_cost(cost)
         self.set_counter[rows] = set_counter
         self.up_counter[rows] = torch.where(raise_cost, 0, up)
         self.down_counter[rows] = torch.where(lower_cost, 0, down)
         self.went_up[rows] = (self.went_up[rows] & ~now_set) | raise_cost
         self.went_down[rows] = (self.went_down[rows] & ~now_set) | lower_cost
+
+    @classmethod
+    def _loss_cost(cls, cost: torch.Tensor) -> torch.Tensor:
+        return cost.clamp(max=cls.MAX_COST).float()
 
     def state_dict(self) -> dict:
         return tensor_fields(self)
