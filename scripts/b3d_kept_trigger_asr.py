@@ -17,6 +17,7 @@ import torch
 
 import trigscan
 from trigscan import ops
+from trigscan.scanners.base import model_scores
 from trigscan.zoo.evaluate import load_torchscript, open_model, scan_inputs
 
 
@@ -35,8 +36,7 @@ def main():
 
     def asr(x):  # every class's trigger on every image: [T, N] stamped images, one forward
         stamped = ops.stamp(x, masks, patterns)
-        with torch.no_grad():
-            labels = net(stamped.flatten(0, 1)).argmax(1).view(stamped.shape[:2])
+        labels = model_scores(net, stamped.flatten(0, 1)).argmax(1).view(stamped.shape[:2])
         return (labels == targets[:, None]).float().mean(dim=1).tolist()
 
     rows = [{"class": c.target, "mask_l1": round(c.statistic, 2), "converged": c.converged,
