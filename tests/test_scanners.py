@@ -376,6 +376,18 @@ def test_cost_of_a_class_that_always_succeeds_stays_finite():
     assert torch.isfinite(schedule.cost[0] * 2 * mask * (1 - mask)).all()
 
 
+def test_restored_cost_is_derived_from_the_schedule():
+    # a checkpoint saved before the cap carried float32 inf in `cost`
+    schedule = CostSchedule(2, 1e-3, 0.99, 5, 2.0, 2.0 ** 1.5, True)
+    state = schedule.state_dict()
+    state["_cost"] = torch.tensor([1e300, 2e-3], dtype=torch.float64)
+    state["cost"] = torch.tensor([math.inf, 7.0])
+    restored = CostSchedule(2, 1e-3, 0.99, 5, 2.0, 2.0 ** 1.5, True)
+    restored.load_state_dict(state)
+    assert restored.cost.tolist() == [CostSchedule.MAX_COST, pytest.approx(2e-3)]
+    assert restored.cost.dtype == torch.float32
+
+
 def test_best_tracker_keeps_the_smallest_eligible():
     best = BestTracker(3)
     rows = torch.tensor([0, 1, 2])

@@ -229,6 +229,9 @@ class CostSchedule:
 
     def load_state_dict(self, state: dict, device=None) -> None:
         load_fields(self, state, device)
+        # the losses' view is derived, not trusted: a checkpoint written before
+        # the cap (or edited) cannot bring back an uncapped or inconsistent cost
+        self.cost = self._loss_cost(self._cost)
 
 
 class BestTracker:
