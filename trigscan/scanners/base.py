@@ -191,11 +191,8 @@ class CostSchedule:
         zeros = torch.zeros(k, dtype=torch.long, device=device)
         # the schedule runs in float64 (Python floats in the official code: a cost
         # divided for hundreds of steps must not underflow to 0, which would read
-        # as "not set yet"); `cost` is its float32 view for the losses, capped at
-        # MAX_COST: a class that always succeeds is raised every `patience` steps,
-        # and past ~140 raises from 1e-3 float32 reads inf (inf x 0 = NaN in a gradient)
+        # as "not set yet"); the losses read `cost`, derived from it
         self._cost = torch.full((k,), 0.0 if start_at_zero else init, dtype=torch.float64, device=device)
-        self.cost = self._loss_cost(self._cost)
         self.set_counter, self.up_counter, self.down_counter = zeros.clone(), zeros.clone(), zeros.clone()
         self.went_up = torch.zeros(k, dtype=torch.bool, device=device)
         self.went_down = torch.zeros_like(self.went_up)
@@ -213,25 +210,25 @@ class CostSchedule:
         lower_cost = (down >= self.patience) & ~raise_cost
         cost = torch.where(raise_cost, cost * self.up, torch.where(lower_cost, cost / self.down, cost))
         self._cost[rows] = cost
-        self.cost[rows] = self._loss_cost(cost)
         self.set_counter[rows] = set_counter
         self.up_counter[rows] = torch.where(raise_cost, 0, up)
         self.down_counter[rows] = torch.where(lower_cost, 0, down)
         self.went_up[rows] = (self.went_up[rows] & ~now_set) | raise_cost
         self.went_down[rows] = (self.went_down[rows] & ~now_set) | lower_cost
 
-    @classmethod
-    def _loss_cost(cls, cost: torch.Tensor) -> torch.Tensor:
-        return cost.clamp(max=cls.MAX_COST).float()
+    @property
+    def cost(self) -> torch.Tensor:
+        """The cost the losses see: the schedule's, float32, capped at MAX_COST (a
+        class that always succeeds is raised every `patience` steps, and past ~140
+        raises from 1e-3 float32 reads inf; inf x 0 = NaN in a gradient). Derived,
+        never stored: no checkpoint can bring back an uncapped or stale view."""
+        return self._cost.clamp(max=self.MAX_COST).float()
 
     def state_dict(self) -> dict:
         return tensor_fields(self)
 
     def load_state_dict(self, state: dict, device=None) -> None:
-        load_fields(self, state, device)
-        # the losses' view is derived, not trusted: a checkpoint written before
-        # the cap (or edited) cannot bring back an uncapped or inconsistent cost
-        self.cost = self._loss_cost(self._cost)
+        load_fields(self, state, device)  # a `cost` saved by older versions is ignored
 
 
 class BestTracker:
@@ -656,12 +653,13 @@ class TriggerOptimizer(Scanner):
             if rows.numel() == 0:
                 break
             hits = torch.zeros(rows.numel(), device=device)
+            cost = schedule.cost  # fixed during the step: the schedule moves after it
             for chunks in data.batches(rows, cfg.batch_size, cfg.max_batch_images):
                 optimizer.zero_grad(set_to_none=True)
                 for sl, batch in chunks:
                     chunk = rows[sl]
                     loss, batch_hits = self._batch_loss(model, slice_rows(params, chunk), batch,
-                                                        targets[chunk], schedule.cost[chunk])
+                                                        targets[chunk], cost[chunk])
                     loss.sum().backward()
                     hits[sl] += batch_hits.detach()
                 optimizer.step()
