@@ -143,6 +143,12 @@ def test_bad_options_name_the_option(option, value):
         trigscan.scanners.get(method)(**{option: value})
 
 
+def test_the_baseline_needs_two_samples():
+    with pytest.raises(ValueError, match="^baseline: needs k >= 2"):
+        trigscan.scanners.get("b3d")(baseline=True, k=1)
+    trigscan.scanners.get("b3d")(baseline=True, k=2)
+
+
 def test_a_model_returning_too_few_classes_is_rejected(onnx_model_and_images):
     _, x = onnx_model_and_images
     model = QueryModel(lambda b: torch.rand(b.shape[0], 5), 10, (1, 24, 24), outputs="logits",

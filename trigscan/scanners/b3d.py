@@ -85,6 +85,9 @@ class B3DConfig(OptimizerConfig):
         super().__post_init__()
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"k: expected an int >= 1, got {self.k!r}")
+        if self.baseline and self.k < 2:
+            # with one sample F_j - mean_j F_j is 0: the estimate would be 0 every iteration
+            raise ValueError(f"baseline: needs k >= 2 samples, got k = {self.k}")
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"sigma: expected a finite number > 0, got {self.sigma!r}")
         if not (isinstance(self.init_mask, (int, float)) and 0 < self.init_mask < 1):
