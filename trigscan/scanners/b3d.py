@@ -44,7 +44,7 @@ class B3DConfig(OptimizerConfig):
     sigma: std of the pattern search distribution.
     init_mask: g(theta_m) at the start.
     baseline: beyond the paper, F_j - mean_j F_j in the estimates (same mean,
-        lower variance).
+        lower variance; needs k >= 2).
     joint: beyond the paper, one sample set drives both estimates (k instead
         of 2k query rows per image).
     max_batch_images: at most this many query images are made and sent to the
