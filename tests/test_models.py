@@ -208,3 +208,80 @@ def test_nn_module_can_be_queried_as_a_black_box():
         as_query_model(net)
     with pytest.raises(TypeError, match="model"):
         as_query_model("not a model")
+
+
+def scripted_bn_net(channels=3, classes=5):
+    """Conv, batch-norm (non-trivial running statistics), ReLU, max-pool, linear: what freezing folds."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(channels, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(6 * 4 * 4, classes))
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    net[1].weight.data.uniform_(0.5, 1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(net.eval())
+
+
+def test_fast_cpu_copy_agrees_in_values_and_input_gradients_and_leaves_the_module_alone():
+    from trigscan.models import fast_cpu_copy
+
+    module = scripted_bn_net()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    fast = fast_cpu_copy(module)
+    x = torch.rand(7, 3, 8, 8, requires_grad=True)
+    want = module(x)
+    (g_want,) = torch.autograd.grad(want.logsumexp(1).sum(), x)
+    got = fast(x)
+    (g_got,) = torch.autograd.grad(got.logsumexp(1).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+    assert list(fast.parameters()) == []  # frozen: the weights are constants now
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert module[0].weight.is_contiguous()  # the caller's module keeps its layout
+
+
+def test_white_box_scans_a_fast_copy_of_torchscript_only_when_asked_and_on_the_cpu():
+    module = scripted_bn_net()
+    x = torch.rand(4, 3, 8, 8)
+    wrapped = WhiteBoxModel(module)
+    wrapped.probe(x)
+    fast, note = wrapped.for_scanning(x)
+    assert fast is not wrapped and note is None and fast.num_classes == 5
+    torch.testing.assert_close(fast(x), wrapped(x), rtol=1e-5, atol=1e-5)
+    exact = WhiteBoxModel(module, optimize=False)
+    assert exact.for_scanning(x) == (exact, None)
+    plain = WhiteBoxModel(tiny_net())  # an nn.Module is scanned as given
+    assert plain.for_scanning(torch.rand(2, 1, 8, 8)) == (plain, None)
+    with pytest.raises(TypeError, match="optimize"):
+        WhiteBoxModel(module, optimize="yes")
+
+
+@pytest.mark.parametrize("broken, message", [("raises", "frozen copy failed"), ("differs", "different scores")])
+def test_a_fast_copy_that_fails_or_disagrees_is_not_used_and_the_result_says_so(monkeypatch, broken, message):
+    import trigscan.models as models
+
+    def bad_copy(module):
+        if broken == "raises":
+            raise RuntimeError("cannot freeze")
+        return torch.jit.script(_Shifted(module))
+
+    monkeypatch.setattr(models, "fast_cpu_copy", bad_copy)
+    module = scripted_bn_net(channels=1)
+    x = torch.rand(20, 1, 8, 8)
+    wrapped = WhiteBoxModel(module)
+    wrapped.probe(x)
+    same, note = wrapped.for_scanning(x)
+    assert same is wrapped and message in note
+    result = trigscan.scan(module, x, torch.arange(20) % 5, method="nc", max_steps=2)
+    assert any(message in n for n in result.notes)
+
+
+class _Shifted(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) + 1.0

@@ -142,8 +142,13 @@ class Scanner:
             fingerprint = self.fingerprint(images, labels, seed, classes, model)
             checkpoint = Checkpoint(path, fingerprint, **options)
         started = time.perf_counter()
+        note = None
+        if self.access == "white":
+            model, note = model.for_scanning(images[:64])
         result = self._scan(model, images, labels, classes, seed, show, checkpoint)
         result.elapsed_s = time.perf_counter() - started
+        if note:
+            result.notes.append(note)
         return result
 
     def fingerprint(self, images, labels, seed, classes, model=None) -> dict:
