@@ -1,5 +1,6 @@
 """Model adapters: white-box wrapping, query-only models, ONNX loading, and
 the errors a bad or untrusted model gets."""
+import os
 import pickle
 import warnings
 
@@ -285,3 +286,32 @@ class _Shifted(nn.Module):
 
     def forward(self, x):
         return self.inner(x) + 1.0
+
+
+def test_scans_keep_freed_memory_for_the_next_step_unless_told_not_to():
+    """After a scan, a 12 MB block comes from the heap (no new mmap'd block), so
+    the next step's activations reuse memory instead of faulting in fresh pages."""
+    import subprocess
+    import sys
+
+    probe = """
+import ctypes, sys, torch, trigscan
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+trigscan.scan(net, torch.rand(6, 1, 8, 8), torch.arange(6) % 3, method="nc", max_steps=1)
+before = libc.mallinfo2().hblks
+block = torch.empty(3 << 20)  # 12 MiB
+print(libc.mallinfo2().hblks - before)
+"""
+    def new_mmapped_blocks(env_value):
+        env = dict(os.environ, TRIGSCAN_KEEP_FREED_MEMORY=env_value)
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert new_mmapped_blocks("1") == 0
+    assert new_mmapped_blocks("0") == 1  # glibc's default: a block this large is mmap'd

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..allocator import keep_freed_memory
 from ..checkpoint import (Checkpoint, load_fields, module_digest, restore_into, tensor_digest, tensor_fields,
                           to_device)
 from ..models import as_white_box
@@ -121,6 +122,7 @@ class Scanner:
         """
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        keep_freed_memory()
         images = check_images(images)
         if self.access == "white":
             model = as_white_box(model)
