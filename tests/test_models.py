@@ -243,7 +243,7 @@ def test_fast_cpu_copy_agrees_in_values_and_input_gradients_and_leaves_the_modul
     assert module[0].weight.is_contiguous()  # the caller's module keeps its layout
 
 
-def test_white_box_scans_a_fast_copy_of_torchscript_only_when_asked_and_on_the_cpu():
+def test_white_box_scans_a_fast_copy_of_torchscript_only_when_asked_and_on_the_cpu(monkeypatch):
     module = scripted_bn_net()
     x = torch.rand(4, 3, 8, 8)
     wrapped = WhiteBoxModel(module)
@@ -253,6 +253,8 @@ def test_white_box_scans_a_fast_copy_of_torchscript_only_when_asked_and_on_the_c
     torch.testing.assert_close(fast(x), wrapped(x), rtol=1e-5, atol=1e-5)
     exact = WhiteBoxModel(module, optimize=False)
     assert exact.for_scanning(x) == (exact, None)
+    monkeypatch.setenv("TRIGSCAN_FAST_COPY", "0")
+    assert not WhiteBoxModel(module).optimize and WhiteBoxModel(module, optimize=True).optimize
     plain = WhiteBoxModel(tiny_net())  # an nn.Module is scanned as given
     assert plain.for_scanning(torch.rand(2, 1, 8, 8)) == (plain, None)
     with pytest.raises(TypeError, match="optimize"):

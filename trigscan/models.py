@@ -8,6 +8,7 @@ NaN fails with a clear error instead of silently poisoning a scan.
 from __future__ import annotations
 
 import io
+import os
 import time
 import warnings
 from pathlib import Path
@@ -34,13 +35,18 @@ class WhiteBoxModel(nn.Module):
     """Wraps a module that maps normalised images to logits.
 
     mean/std: per-channel normalisation applied to [0, 1] images before the module.
+    optimize: scan a faster copy of a TorchScript module on the CPU
+        (:meth:`for_scanning`); default True unless the environment sets
+        ``TRIGSCAN_FAST_COPY=0``. False scans the module exactly as given.
     """
 
     access = "white"
 
     def __init__(self, module: nn.Module, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, *, optimize: bool = True):
+                 std: Sequence[float] | None = None, *, optimize: bool | None = None):
         super().__init__()
+        if optimize is None:  # the environment decides for CLI runs: TRIGSCAN_FAST_COPY=0 scans models as given
+            optimize = os.environ.get("TRIGSCAN_FAST_COPY", "1") != "0"
         if not isinstance(optimize, bool):
             raise TypeError(f"optimize: expected True or False, got {optimize!r}")
         self.optimize = optimize
@@ -123,10 +129,12 @@ def fast_cpu_copy(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     scan 1.5-1.7x faster (docs/scanners.md, "The model's own speed"). The
     module itself is not touched; the logits agree to float rounding."""
     buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    buffer.seek(0)
-    copy = torch.jit.load(buffer, map_location="cpu").eval()
-    return torch.jit.freeze(copy.to(memory_format=torch.channels_last))
+    with warnings.catch_warnings():  # torch.jit's deprecation notices are not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        copy = torch.jit.load(buffer, map_location="cpu").eval()
+        return torch.jit.freeze(copy.to(memory_format=torch.channels_last))
 
 
 def as_white_box(model, mean=None, std=None) -> WhiteBoxModel:
