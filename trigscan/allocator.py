@@ -4,9 +4,10 @@ A scan step allocates the same large activations (for NC on a 24x24 model,
 10 classes x 32 images: 12 MB per feature map) and frees them again. glibc's
 malloc serves blocks that large from fresh ``mmap`` pages and trims the heap
 when they are freed, so every step pays a page fault per 4 KiB of every
-activation, which on the VMs we measure costs more than computing it: a full
-NC scan of the zoo's ``badnets-cnn-grey`` took 7.0-7.5 s on 2 threads as it
-is and 5.5 s with freed memory kept (docs/scanners.md, "The model's own
+activation, which on the VMs we measure can cost more than computing it. In
+``benchmarks/bench_scanners.py`` a full batched NC scan of the zoo's
+``badnets-cnn-grey`` took 4.9-5.8 s on 2 threads with malloc as it is and
+4.5-4.7 s with freed memory kept (docs/scanners.md, "The model's own
 speed"). :func:`keep_freed_memory` raises malloc's mmap threshold to its
 maximum (32 MiB) and its trim threshold to 1 GiB: the process keeps up to that
 much freed memory for reuse instead of returning it to the system.
