@@ -317,3 +317,25 @@ print(libc.mallinfo2().hblks - before)
 
     assert new_mmapped_blocks("1") == 0
     assert new_mmapped_blocks("0") == 1  # glibc's default: a block this large is mmap'd
+
+
+def test_scans_of_a_torchscript_model_use_its_fast_copy_and_repeat_bit_for_bit(monkeypatch):
+    import trigscan.models as models
+
+    copies = []
+
+    def counting_copy(module):
+        copies.append(module)
+        return fast_copy(module)
+
+    fast_copy = models.fast_cpu_copy
+    monkeypatch.setattr(models, "fast_cpu_copy", counting_copy)
+    module = scripted_bn_net(channels=1)
+    torch.manual_seed(3)
+    x, y = torch.rand(20, 1, 8, 8), torch.arange(20) % 5
+    first = trigscan.scan(module, x, y, method="nc", max_steps=4)
+    second = trigscan.scan(module, x, y, method="nc", max_steps=4)
+    assert len(copies) == 2 and first.notes == second.notes
+    assert not any("scanned as given" in n for n in first.notes)
+    assert torch.equal(torch.tensor(first.statistics), torch.tensor(second.statistics))
+    assert all(torch.equal(a.trigger["mask"], b.trigger["mask"]) for a, b in zip(first.per_class, second.per_class))
