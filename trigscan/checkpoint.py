@@ -21,8 +21,9 @@ the file (or ``clear()``) to scan from scratch.
 Conventions for a scanner's state (helpers below):
 - live tensors created the usual way before the loop are overwritten in place
   with ``restore_into`` (shapes checked, device and dtype kept);
-- ``torch.optim`` optimisers: ``optimizer.state_dict()`` /
-  ``load_state_dict()`` (Adam moments and step counts are plain tensors);
+- optimisers (``trigscan.optim.Adam``, whose layout is torch.optim's):
+  ``optimizer.state_dict()`` / ``load_state_dict()`` (Adam moments and step
+  counts are plain tensors);
 - ``torch.Generator``: ``generator.get_state()`` (a uint8 tensor) /
   ``set_state()``;
 - objects whose state is exactly their tensor attributes (the cost schedule,

@@ -28,6 +28,7 @@ from .. import ops
 from ..checkpoint import restore_into
 from ..data import noise as uniform_noise
 from ..models import BudgetExhausted, as_query_model
+from ..optim import Adam
 from ..reference import squash
 from ..result import ClassResult, ScanResult
 from . import register
@@ -128,7 +129,7 @@ class B3D(Scanner):
         theta_m = torch.full((k_classes, 1, h, w), math.atanh(2 * cfg.init_mask - 1))
         theta_p = torch.zeros(k_classes, c, h, w)
         params = {"theta_m": theta_m.requires_grad_(True), "theta_p": theta_p.requires_grad_(True)}
-        optimizer = torch.optim.Adam(params.values(), lr=cfg.lr, betas=tuple(cfg.betas))
+        optimizer = Adam(params.values(), lr=cfg.lr, betas=tuple(cfg.betas))
         schedule = CostSchedule(k_classes, cfg.init_cost, cfg.asr_threshold, cfg.patience,
                                 cfg.cost_up, cfg.cost_down, cfg.cost_start_at_zero)
         best = BestTracker(k_classes)

@@ -21,6 +21,7 @@ from ..allocator import keep_freed_memory
 from ..checkpoint import (Checkpoint, load_fields, module_digest, restore_into, tensor_digest, tensor_fields,
                           to_device)
 from ..models import as_white_box
+from ..optim import Adam
 from ..result import Anomaly, ClassResult, ScanResult
 from .verdict import convergence_notes, mad_test
 
@@ -634,7 +635,7 @@ class TriggerOptimizer(Scanner):
         device = targets.device
         k = targets.shape[0]
         params = {name: p.clone().requires_grad_(True) for name, p in init.items()}
-        optimizer = torch.optim.Adam(params.values(), lr=cfg.lr, betas=tuple(cfg.betas))
+        optimizer = Adam(params.values(), lr=cfg.lr, betas=tuple(cfg.betas))
         schedule = CostSchedule(k, cfg.init_cost, cfg.asr_threshold, cfg.patience, cfg.cost_up,
                                 cfg.cost_down, cfg.cost_start_at_zero, device)
         best = BestTracker(k, device, self.best_criteria)
