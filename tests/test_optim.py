@@ -31,7 +31,7 @@ def run(optimizers, params_sets, g, steps, first=0):
         grads = [torch.randn(p.shape, generator=g) * 10 ** float(torch.randint(-3, 3, (1,), generator=g))
                  for p in params_sets[0]]
         for optimizer, params in zip(optimizers, params_sets):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()  # torch's default is set_to_none=True too
             for i, (p, grad) in enumerate(zip(params, grads)):
                 if not (i == 1 and step % 3 == 0):
                     p.grad = grad.clone()

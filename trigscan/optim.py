@@ -29,12 +29,10 @@ class Adam:
         # per tensor: None until its first step, then {"step", "exp_avg", "exp_avg_sq"}
         self.state: list[dict | None] = [None] * len(self.params)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """Drop the gradients (torch's ``set_to_none=True``): the next backward writes fresh ones."""
         for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

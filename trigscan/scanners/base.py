@@ -663,7 +663,7 @@ class TriggerOptimizer(Scanner):
             hits = torch.zeros(rows.numel(), device=device)
             cost = schedule.cost  # fixed during the step: the schedule moves after it
             for chunks in data.batches(rows, cfg.batch_size, cfg.max_batch_images):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 for sl, batch in chunks:
                     chunk = rows[sl]
                     loss, batch_hits = self._batch_loss(model, slice_rows(params, chunk), batch,
