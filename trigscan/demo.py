@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .models import quiet_jit
 
 TARGET = 3  # the backdoor's target class
 POISON_RATE = 0.1
@@ -95,8 +96,7 @@ def build(folder: Path, backdoor: bool) -> dict | None:
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     model, truth = train(backdoor)
-    with warnings.catch_warnings():  # torch.jit's deprecation notices are not the user's concern
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_jit():
         torch.jit.save(torch.jit.trace(model, torch.zeros(1, 1, 24, 24)), str(folder / "model.pt"))
     xt, yt = digits(24, "test")
     idx = torch.from_numpy(balanced_subset(yt.numpy(), SCAN_IMAGES, seed=0))

@@ -7,6 +7,7 @@ NaN fails with a clear error instead of silently poisoning a scan.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -123,6 +124,15 @@ def check_logits(out, batch: int, num_classes: int | None) -> torch.Tensor:
     return out
 
 
+@contextlib.contextmanager
+def quiet_jit():
+    """Silence torch.jit's deprecation notices (FutureWarning): TorchScript is
+    the format we ship and read, and the notices are not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
 def fast_cpu_copy(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """A copy of a TorchScript module for CPU scans: 4-D weights in channels_last,
     the layout oneDNN's convolution and pooling kernels are fastest in, then
@@ -132,8 +142,7 @@ def fast_cpu_copy(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     (docs/scanners.md, "The model's own speed"). The module itself is not
     touched; the logits agree to float rounding."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():  # torch.jit's deprecation notices are not the user's concern
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_jit():
         torch.jit.save(module, buffer)
         buffer.seek(0)
         copy = torch.jit.load(buffer, map_location="cpu").eval()
@@ -155,8 +164,7 @@ def load_torchscript(path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"model: no such file {path}")
     try:
-        with warnings.catch_warnings():  # torch.jit's deprecation notice is not the user's concern
-            warnings.simplefilter("ignore", FutureWarning)
+        with quiet_jit():
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ValueError(

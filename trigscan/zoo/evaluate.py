@@ -9,13 +9,13 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data import balanced_subset, read_npz
+from ..models import quiet_jit
 from .attacks import Patch, trigger_from_dict
 
 
@@ -60,8 +60,7 @@ def inputs_for(cls, folder: Path, n_images: int, seed: int):
 
 def load_torchscript(path) -> torch.jit.ScriptModule:
     """A zoo model for white-box use (TorchScript, never a pickle), in eval mode."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but is the format we ship
+    with quiet_jit():
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
