@@ -82,3 +82,28 @@ def test_lred_statistics_are_reproducible(quick_zoo):
     runs = [trigscan.scan(model, x, y, method="lred", seed=seed, max_steps=20, images_per_class=2)
             for seed in (1, 1)]
     assert [c.statistic for c in runs[0].per_class] == [c.statistic for c in runs[1].per_class]
+
+
+def test_lred_verdict_reads_the_calibrated_pvalue_and_zero_draws_the_papers(quick_zoo):
+    from trigscan.detect import gamma_order_pvalue
+
+    model, x, y = zoo_model(quick_zoo, "clean-cnn-grey-s0")
+    options = dict(method="lred", seed=2, max_steps=20, images_per_class=2)
+    calibrated = trigscan.scan(model, x, y, calibration_draws=500, **options)
+    plain = trigscan.scan(model, x, y, calibration_draws=0, **options)
+    r = calibrated.anomaly.values
+    assert r == plain.anomaly.values
+    test = gamma_order_pvalue(r, calibration_draws=500, seed=2)
+    assert calibrated.anomaly.p_value == test["calibrated_p_value"]
+    assert calibrated.anomaly.details["order_statistic_p_value"] == test["p_value"]
+    assert calibrated.anomaly.details["raw_level"] == test["raw_level"]
+    assert plain.anomaly.p_value == test["p_value"] and "raw_level" not in plain.anomaly.details
+    for result in (calibrated, plain):
+        best = max(result.per_class, key=lambda c: c.statistic)
+        assert result.backdoored == (result.anomaly.p_value < 0.05 and best.converged)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "many"])
+def test_lred_rejects_bad_calibration_draws(bad):
+    with pytest.raises(ValueError, match="calibration_draws"):
+        trigscan.scanners.get("lred")(calibration_draws=bad)

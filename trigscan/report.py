@@ -205,7 +205,10 @@ def statistic_threshold(entry: dict) -> float | None:
             return None
         from scipy import stats
 
-        return float(stats.gamma.ppf((1 - anomaly["threshold"]) ** (1 / len(values)), shape, scale=scale))
+        # a calibrated test flags where the plain p-value falls below its raw level
+        level = (anomaly.get("details") or {}).get("raw_level")
+        level = anomaly["threshold"] if level is None else level
+        return float(stats.gamma.ppf((1 - level) ** (1 / len(values)), shape, scale=scale))
     return None
 
 
@@ -336,6 +339,8 @@ def render_html(report: dict, out: Path) -> str:
         test = (f"MAD anomaly index, threshold {_num(a['threshold'])} ({a.get('side', 'low')} side)"
                 if a["kind"] == "mad" else
                 f"Gamma order-statistic test, p-value {_num(a.get('p_value'))} (threshold {_num(a['threshold'])})"
+                + (f", calibrated; plain p-value {_num(a['details']['order_statistic_p_value'])}"
+                   if "raw_level" in (a.get("details") or {}) else "")
                 if a["kind"] == "gamma" else f"{esc(a['kind'])}, threshold {_num(a['threshold'])}")
         parts.append(f"<h2>{esc(entry['method'])}</h2><div class='verdict {'bad' if entry['backdoored'] else 'ok'}'>"
                      f"{esc(verdict)}</div><div class='small'>{test}; "

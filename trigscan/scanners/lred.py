@@ -11,6 +11,9 @@ stop when Q_t >= pi; else w = softmax_{s != t}(q_st / T) with T = -log Q_t when
 Q_t > 0, uniform otherwise. U-RED keeps w uniform. Statistic r_t = 1/||v_t||_2;
 a Gamma null fitted to all r but the largest gives the order-statistic
 p-value 1 - G(r_max)^K; backdoored iff it is below phi, target argmax r.
+Ours: by default the verdict reads that p-value calibrated by Monte Carlo
+draws from the fitted null (trigscan.detect.gamma_order_pvalue), because the
+plain one is far from uniform under the null; calibration_draws=0 is the paper's.
 """
 from __future__ import annotations
 
@@ -34,7 +37,16 @@ class LREDConfig:
     max_steps: int = 1000  # tau_max; ||v|| <= delta * max_steps
     pi: float = 0.9  # target misclassification fraction
     phi: float = 0.05  # detection threshold on the p-value
+    # > 0: the verdict uses the Monte Carlo calibrated p-value (ours, docs/lred.md:
+    # the plain one flags ~25% of null models at phi = 0.05 with 10 classes); 0: the paper's
+    calibration_draws: int = 10000
     learn_weights: bool = True  # False: U-RED
+
+    def __post_init__(self):
+        draws = self.calibration_draws
+        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 0:
+            raise ValueError(f"calibration_draws: expected an int >= 0 (0: the paper's plain p-value), "
+                             f"got {draws!r}")
 
 
 @register("lred")
@@ -117,12 +129,15 @@ class LRED(Scanner):
             steps=int(steps[i]), stop_reason="reached pi" if bool(reached[i]) else
             "max_steps; never reached pi (statistic from the final v)",
             trigger={"perturbation": v[i].detach().cpu()}) for i, cls in enumerate(classes)]
-        test = gamma_order_pvalue(r.tolist())
+        test = gamma_order_pvalue(r.tolist(), cfg.calibration_draws, seed, cfg.phi)
+        p_value = test.get("calibrated_p_value", test["p_value"])
         # a pattern that never reached pi is no evidence of a backdoor
-        backdoored = test["p_value"] < cfg.phi and per_class[test["index"]].converged
+        backdoored = p_value < cfg.phi and per_class[test["index"]].converged
+        details = {"shape": test["shape"], "scale": test["scale"], "order_statistic_p_value": test["p_value"]}
+        if cfg.calibration_draws:
+            details.update(calibration_draws=cfg.calibration_draws, raw_level=test["raw_level"])
         anomaly = Anomaly(kind="gamma", values=r.tolist(), threshold=cfg.phi, side="high",
-                          p_value=test["p_value"],
-                          details={"shape": test["shape"], "scale": test["scale"]})
+                          p_value=p_value, details=details)
         return ScanResult(method=self.name, backdoored=backdoored,
                           targets=[classes[test["index"]]] if backdoored else [],
                           per_class=per_class, anomaly=anomaly, config=self.get_params(),
