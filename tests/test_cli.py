@@ -319,3 +319,14 @@ def test_image_folder_data(zoo_files, tmp_path, capsys):
     data = json.loads((tmp_path / "out" / "report.json").read_text())["data"]
     assert data["format"] == "folder" and data["n"] == 20 and data["shape"] == [1, 24, 24]
     assert data["classes"] == [f"c{c}" for c in range(10)] and len(data["sha256"]) == 64
+
+
+@pytest.mark.parametrize("in_scope, expected", [(True, 1), (False, 0)])
+def test_demo_fails_only_on_misses_within_a_methods_kind(monkeypatch, capsys, in_scope, expected):
+    import trigscan.demo
+
+    results = {"nc": {"right": True, "in_scope": True}, "lred": {"right": False, "in_scope": in_scope}}
+    monkeypatch.setattr(trigscan.demo, "run_demo",
+                        lambda *a, **k: {"models": {"badnets": {"results": results}}})
+    assert main(["demo"]) == expected
+    assert ("badnets/lred" in capsys.readouterr().err) == in_scope

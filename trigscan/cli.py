@@ -194,7 +194,7 @@ def _run_demo(args) -> int:
 
     summary = run_demo(args.cache, seed=args.seed, jobs=args.jobs)
     wrong = [f"{model}/{method}" for model, m in summary["models"].items()
-             for method, r in m["results"].items() if not r["right"]]
+             for method, r in m["results"].items() if r["in_scope"] and not r["right"]]
     if wrong:
         print(f"demo: verdicts that do not match the truth: {', '.join(wrong)}", file=sys.stderr)
         return EXIT_ERROR
@@ -202,12 +202,12 @@ def _run_demo(args) -> int:
 
 
 def add_demo(subparsers, common) -> None:
-    d = subparsers.add_parser("demo", parents=[common], help="scan a backdoored and a clean model built from embedded data")
+    d = subparsers.add_parser("demo", parents=[common], help="scan two backdoored models and a clean one built from embedded data")
     d.add_argument("--cache", help="where the demo models are built once and reused "
                                    "(default $TRIGSCAN_CACHE or ~/.cache/trigscan/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--jobs", type=int, default=2, choices=(1, 2),
-                   help="2 (default): both models in parallel processes; 1: in this process, with progress bars")
+                   help="2 (default): two models at a time in parallel processes; 1: in this process, with progress bars")
     d.set_defaults(func=_run_demo)
 
 
