@@ -126,7 +126,7 @@ def gamma_order_pvalue(statistics, calibration_draws: int = 0, seed: int = 0,
         raise ValueError(f"statistics: need a 1-D array of at least 3 values, got shape {r.shape}")
     if not np.all(np.isfinite(r)) or np.any(r <= 0):
         raise ValueError("statistics: must be finite and > 0")
-    if not isinstance(calibration_draws, int) or calibration_draws < 0:
+    if not isinstance(calibration_draws, int) or isinstance(calibration_draws, bool) or calibration_draws < 0:
         raise ValueError(f"calibration_draws: expected an int >= 0, got {calibration_draws!r}")
     top = int(np.argmax(r))
     null = np.delete(r, top)
