@@ -143,3 +143,13 @@ def test_calibrated_pvalue_of_a_degenerate_null_is_defined():
     assert out["calibrated_p_value"] == 0.0 and out["raw_level"] is None
     with pytest.raises(ValueError, match="calibration_draws"):
         gamma_order_pvalue([1.0, 2.0, 3.0], calibration_draws=-1)
+
+
+def test_nearly_equal_null_gives_a_defined_pvalue_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for r in ([100.0, 100.0 + 1e-12, 100.0, 300.0], [1.0, 1.0 + 1e-14, 1.0 + 1e-14]):
+            out = gamma_order_pvalue(r, calibration_draws=50)
+            assert out["p_value"] in (0.0, 1.0) and out["calibrated_p_value"] == out["p_value"]

@@ -96,9 +96,12 @@ def _order_pvalues(statistics: np.ndarray):
 
     r = np.sort(statistics, axis=-1)
     shape, scale = gamma_fit(r[..., :-1])
-    upper_tail = special.gammaincc(shape, r[..., -1] / scale)
-    p = -np.expm1(r.shape[-1] * np.log1p(-upper_tail))
-    return np.maximum(p, 0.0), shape, scale
+    degenerate = ~np.isfinite(shape)  # equal null values: pv 1 if the largest equals them, else 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        upper_tail = special.gammaincc(shape, r[..., -1] / scale)
+        p = -np.expm1(r.shape[-1] * np.log1p(-upper_tail))
+    p = np.where(degenerate, np.where(r[..., -1] == r[..., -2], 1.0, 0.0), np.maximum(p, 0.0))
+    return p, shape, scale
 
 
 def gamma_order_pvalue(statistics, calibration_draws: int = 0, seed: int = 0,
@@ -128,17 +131,11 @@ def gamma_order_pvalue(statistics, calibration_draws: int = 0, seed: int = 0,
         raise ValueError("statistics: must be finite and > 0")
     if not isinstance(calibration_draws, int) or isinstance(calibration_draws, bool) or calibration_draws < 0:
         raise ValueError(f"calibration_draws: expected an int >= 0, got {calibration_draws!r}")
-    top = int(np.argmax(r))
-    null = np.delete(r, top)
-    if np.ptp(null) == 0:
-        p_value = 1.0 if r[top] == null[0] else 0.0
-        out = {"p_value": p_value, "index": top, "shape": math.inf, "scale": 0.0}
-        if calibration_draws:
-            out.update(calibrated_p_value=p_value, raw_level=None)
-        return out
     p_value, shape, scale = (float(v) for v in _order_pvalues(r))
-    out = {"p_value": p_value, "index": top, "shape": shape, "scale": scale}
-    if calibration_draws:
+    out = {"p_value": p_value, "index": int(np.argmax(r)), "shape": shape, "scale": scale}
+    if calibration_draws and not math.isfinite(shape):  # degenerate null: nothing to draw from
+        out.update(calibrated_p_value=p_value, raw_level=None)
+    elif calibration_draws:
         draws = np.random.default_rng(seed).gamma(shape, 1.0, (calibration_draws, r.size))
         simulated, _, _ = _order_pvalues(draws)
         out["calibrated_p_value"] = float((1 + np.count_nonzero(simulated <= p_value)) / (1 + calibration_draws))
