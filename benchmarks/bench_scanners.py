@@ -42,6 +42,7 @@ from trigscan.data import balanced_subset, read_npz
 from trigscan.models import WhiteBoxModel, fast_cpu_copy
 from trigscan.scanners import nc, pixel, tabor  # noqa: F401  (registers them)
 from trigscan.zoo import build_model, standard_specs
+from trigscan.zoo.evaluate import load_torchscript
 
 MODEL = "badnets-cnn-grey"
 N_IMAGES = 100
@@ -62,7 +63,7 @@ def zoo_model(tmp_path_factory):
     spec = next(s for s in standard_specs() if s.name == MODEL)
     folder = tmp_path_factory.mktemp("zoo") / spec.name
     truth = build_model(spec, folder)
-    model = torch.jit.load(str(folder / "model.pt"), map_location="cpu").eval()
+    model = load_torchscript(folder / "model.pt")
     test = read_npz(folder / "test.npz")
     x, y = torch.from_numpy(test["x"]), torch.from_numpy(test["y"])
     idx = torch.from_numpy(balanced_subset(y.numpy(), N_IMAGES, 0))
