@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data import balanced_subset, read_npz
-from ..models import quiet_jit
+from ..models import load_torchscript as _load_any_torchscript
 from .attacks import Patch, trigger_from_dict
 
 
@@ -60,8 +60,7 @@ def inputs_for(cls, folder: Path, n_images: int, seed: int):
 
 def load_torchscript(path) -> torch.jit.ScriptModule:
     """A zoo model for white-box use (TorchScript, never a pickle), in eval mode."""
-    with quiet_jit():
-        return torch.jit.load(str(path), map_location="cpu").eval()
+    return _load_any_torchscript(path).eval()
 
 
 def open_model(folder: Path, access: str, method: str):
