@@ -28,9 +28,11 @@ from trigscan.scanners import nc, pixel, tabor  # noqa: F401  (registers them)
 from trigscan.scanners.base import BestTracker, CostSchedule, RowImages, model_scores, stamped_logits
 
 
-# methods without any random choice (L-RED starts from v = 0); a scanner can
-# also say so itself with a class attribute ``uses_seed = False``
-DETERMINISTIC = {"lred", "ured"}
+# methods whose statistics take no random choice here: L-RED starts from v = 0,
+# and the tiny set below has fewer images per class than it draws, so the seed
+# reaches only its p-value (the calibration draws). A scanner without any random
+# choice says so with a class attribute ``uses_seed = False``.
+SEED_ONLY_IN_PVALUE = {"lred", "ured"}
 
 
 def white_box_scanners() -> list[str]:
@@ -121,12 +123,15 @@ class TestContract:
                 assert torch.equal(ca.trigger[key], cb.trigger[key])
 
     def test_different_seed_different_statistics(self, name, tiny):
-        if not getattr(scanners.get(name), "uses_seed", name not in DETERMINISTIC):
+        if not getattr(scanners.get(name), "uses_seed", True):
             pytest.skip(f"{name} makes no random choice: the seed cannot change its result")
         model, images, labels = tiny
         a = run(name, model, images, labels, seed=0)
         b = run(name, model, images, labels, seed=1)
-        assert a.statistics != b.statistics
+        if name in SEED_ONLY_IN_PVALUE:
+            assert a.statistics == b.statistics and a.anomaly.p_value != b.anomaly.p_value
+        else:
+            assert a.statistics != b.statistics
 
     def test_rows_that_never_converged_are_named_in_the_notes(self, name, tiny):
         model, images, labels = tiny
