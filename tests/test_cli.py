@@ -330,3 +330,19 @@ def test_demo_fails_only_on_misses_within_a_methods_kind(monkeypatch, capsys, in
                         lambda *a, **k: {"models": {"badnets": {"results": results}}})
     assert main(["demo"]) == expected
     assert ("badnets/lred" in capsys.readouterr().err) == in_scope
+
+
+def test_demo_retrains_a_model_of_an_older_version_and_drops_its_scans(tmp_path, one_thread):
+    """An upgrade bumps demo.VERSION: the cached model is retrained, and the
+    finished scans of the old model must go with it (they would not match)."""
+    from trigscan import demo
+
+    folder = tmp_path / "clean"
+    (folder / "report" / "results").mkdir(parents=True)
+    (folder / "report" / "results" / "nc.json").write_text("{}")
+    (folder / "truth.json").write_text(json.dumps({"version": demo.VERSION - 1}))
+    truth = demo.build(folder, None)
+    assert truth is not None and truth["version"] == demo.VERSION and not truth["backdoored"]
+    assert not (folder / "report").exists()
+    assert json.loads((folder / "truth.json").read_text())["version"] == demo.VERSION
+    assert demo.build(folder, None) is None  # the current version is reused

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def build(folder: Path, stamp) -> dict | None:
     if marker.exists() and json.loads(marker.read_text()).get("version") == VERSION:
         return None
     started = time.perf_counter()
+    marker.unlink(missing_ok=True)  # the folder is incomplete until the new truth is written
+    shutil.rmtree(folder / "report", ignore_errors=True)  # scans of the model being replaced
     folder.mkdir(parents=True, exist_ok=True)
     model, truth = train(stamp is not None, stamp=stamp or checkerboard)
     with quiet_jit():
