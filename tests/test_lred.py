@@ -107,3 +107,9 @@ def test_lred_verdict_reads_the_calibrated_pvalue_and_zero_draws_the_papers(quic
 def test_lred_rejects_bad_calibration_draws(bad):
     with pytest.raises(ValueError, match="calibration_draws"):
         trigscan.scanners.get("lred")(calibration_draws=bad)
+
+
+def test_lred_refuses_fewer_than_three_targets_before_optimising(quick_zoo):
+    model, x, y = zoo_model(quick_zoo, "clean-cnn-grey-s0")
+    with pytest.raises(ValueError, match="classes: .*at least 3"):
+        trigscan.scan(model, x, y, method="lred", classes=[0, 1])

@@ -62,6 +62,9 @@ class LRED(Scanner):
 
     def _scan(self, model, images, labels, classes, seed, show, checkpoint=None) -> ScanResult:
         cfg = self.config
+        if len(classes) < 3:  # refused before the optimisation, not after it
+            raise ValueError(f"classes: L-RED's test fits its null to all statistics but the largest, "
+                             f"so it needs at least 3 putative targets; got {len(classes)}")
         num_classes = model.num_classes
         generator = torch.Generator().manual_seed(seed)
         x, y, notes = self._per_class_subset(model, images, labels, num_classes, generator)
