@@ -30,8 +30,7 @@ from trigscan.scanners.base import BestTracker, CostSchedule, RowImages, model_s
 
 # methods whose statistics take no random choice here: L-RED starts from v = 0,
 # and the tiny set below has fewer images per class than it draws, so the seed
-# reaches only its p-value (the calibration draws). A scanner without any random
-# choice says so with a class attribute ``uses_seed = False``.
+# reaches only its p-value (the calibration draws).
 SEED_ONLY_IN_PVALUE = {"lred", "ured"}
 
 
@@ -123,8 +122,6 @@ class TestContract:
                 assert torch.equal(ca.trigger[key], cb.trigger[key])
 
     def test_different_seed_different_statistics(self, name, tiny):
-        if not getattr(scanners.get(name), "uses_seed", True):
-            pytest.skip(f"{name} makes no random choice: the seed cannot change its result")
         model, images, labels = tiny
         a = run(name, model, images, labels, seed=0)
         b = run(name, model, images, labels, seed=1)

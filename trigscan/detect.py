@@ -64,6 +64,14 @@ def mad_outliers(values, threshold: float = 2.0, side: str = "low", eligible=Non
     return [int(i) for i in np.flatnonzero(flagged)]
 
 
+def check_calibration_draws(draws) -> int:
+    """The number of calibration draws: an int >= 0 (0: the paper's plain p-value)."""
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 0:
+        raise ValueError(f"calibration_draws: expected an int >= 0 (0: the paper's plain p-value), "
+                         f"got {draws!r}")
+    return draws
+
+
 def gamma_fit(samples):
     """Maximum-likelihood Gamma(shape, scale) with location 0 along the last axis:
     what ``scipy.stats.gamma.fit(x, floc=0)`` computes, vectorised over leading
@@ -111,8 +119,9 @@ def gamma_order_pvalue(statistics, calibration_draws: int = 0, seed: int = 0,
     pv = 1 - G(r_max)^K with K the number of statistics.
 
     Returns {"p_value", "index" (of r_max), "shape", "scale"}; a p-value below
-    double precision is 0, never NaN. Degenerate nulls (all equal) give pv = 1
-    when r_max equals them and 0 when it exceeds them.
+    double precision is 0, never NaN. Degenerate nulls (all equal, or so nearly
+    that the fit degenerates) give pv = 1 when r_max equals them and 0 when it
+    exceeds them.
 
     calibration_draws > 0 adds {"calibrated_p_value", "raw_level"}: the chance
     that K statistics drawn from the fitted null give a pv as small or smaller
@@ -129,8 +138,7 @@ def gamma_order_pvalue(statistics, calibration_draws: int = 0, seed: int = 0,
         raise ValueError(f"statistics: need a 1-D array of at least 3 values, got shape {r.shape}")
     if not np.all(np.isfinite(r)) or np.any(r <= 0):
         raise ValueError("statistics: must be finite and > 0")
-    if not isinstance(calibration_draws, int) or isinstance(calibration_draws, bool) or calibration_draws < 0:
-        raise ValueError(f"calibration_draws: expected an int >= 0, got {calibration_draws!r}")
+    check_calibration_draws(calibration_draws)
     p_value, shape, scale = (float(v) for v in _order_pvalues(r))
     out = {"p_value": p_value, "index": int(np.argmax(r)), "shape": shape, "scale": scale}
     if calibration_draws and not math.isfinite(shape):  # degenerate null: nothing to draw from

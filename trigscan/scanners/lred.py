@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import restore_into
-from ..detect import gamma_order_pvalue
+from ..detect import check_calibration_draws, gamma_order_pvalue
 from ..result import Anomaly, ClassResult, ScanResult
 from . import register
 from .base import Scanner, model_scores, progress_bar
@@ -43,10 +43,7 @@ class LREDConfig:
     learn_weights: bool = True  # False: U-RED
 
     def __post_init__(self):
-        draws = self.calibration_draws
-        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 0:
-            raise ValueError(f"calibration_draws: expected an int >= 0 (0: the paper's plain p-value), "
-                             f"got {draws!r}")
+        check_calibration_draws(self.calibration_draws)  # at construction, not after the scan
 
 
 @register("lred")
